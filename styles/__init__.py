@@ -1,0 +1,1 @@
+"""The style adapter library: storage on disk, file formats, and blending at generation time."""

@@ -1,0 +1,137 @@
+"""StyleLibrary: the styles on disk, keyed by name.
+
+workspace/styles/<name>.safetensors   the adapter (diffusers layout, metadata inside)
+workspace/styles/<name>.png           its thumbnail
+
+A style file is only ever written whole (temporary file, then rename), and an existing style
+is never replaced unless the caller says so.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from styles import formats
+
+STYLE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+STYLE_SUFFIX = ".safetensors"
+THUMB_SUFFIX = ".png"
+
+
+def check_style_name(name: str) -> str:
+    """Return the name if it is safe as a file name and adapter name, else raise ValueError."""
+    if not isinstance(name, str) or not STYLE_NAME_PATTERN.match(name):
+        raise ValueError(
+            f"Style name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_', "
+            "starting with a letter or digit."
+        )
+    return name
+
+
+@dataclass
+class StyleInfo:
+    name: str
+    path: Path
+    thumbnail: Path | None
+    trigger: str = ""
+    base_model: str = ""
+    family: str = ""
+    unet_hash: str = ""
+    created: str = ""
+    config: dict = field(default_factory=dict)
+    mtime: float = 0.0
+
+    def summary(self) -> dict:
+        """A JSON-friendly description, as the API returns it."""
+        return {
+            "name": self.name,
+            "trigger": self.trigger,
+            "base_model": self.base_model,
+            "family": self.family,
+            "created": self.created,
+            "rank": self.config.get("rank"),
+            "alpha": self.config.get("alpha") or self.config.get("rank"),
+            "steps": self.config.get("steps"),
+            "learning_rate": self.config.get("learning_rate"),
+        }
+
+
+class StyleLibrary:
+    """Styles stored in a workspace folder.
+
+    >>> lib = StyleLibrary("workspace")  # doctest: +SKIP
+    >>> [s.name for s in lib.list()]     # doctest: +SKIP
+    """
+
+    def __init__(self, workspace: str | Path):
+        self.root = Path(workspace) / "styles"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, name: str) -> Path:
+        return self.root / (check_style_name(name) + STYLE_SUFFIX)
+
+    def exists(self, name: str) -> bool:
+        return self.path_for(name).is_file()
+
+    def names(self) -> list[str]:
+        return sorted(p.stem for p in self.root.glob("*" + STYLE_SUFFIX) if STYLE_NAME_PATTERN.match(p.stem))
+
+    def list(self) -> list[StyleInfo]:
+        """Every readable style, by name; unreadable files are left out (and left alone)."""
+        infos = []
+        for name in self.names():
+            try:
+                infos.append(self.get(name))
+            except ValueError:
+                continue
+        return infos
+
+    def get(self, name: str) -> StyleInfo:
+        path = self.path_for(name)
+        if not path.is_file():
+            raise ValueError(f"No style named {name!r}. Available styles: {', '.join(self.names()) or 'none yet'}.")
+        metadata, _ = formats.read_header(path)
+        info = formats.style_info(metadata)
+        thumb = path.with_suffix(THUMB_SUFFIX)
+        return StyleInfo(
+            name=name,
+            path=path,
+            thumbnail=thumb if thumb.is_file() else None,
+            trigger=info.get("trigger", ""),
+            base_model=info.get("base_model", ""),
+            family=info.get("family", ""),
+            unet_hash=info.get("unet_hash", ""),
+            created=info.get("created", ""),
+            config=json.loads(info.get("config", "{}")),
+            mtime=path.stat().st_mtime,
+        )
+
+    def save(self, name: str, tensors, metadata: dict[str, str], thumbnail=None, overwrite: bool = False) -> Path:
+        """Write a style atomically; refuse to replace an existing one unless `overwrite`."""
+        path = self.path_for(name)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"A style named {name!r} already exists; pick another name or delete it first.")
+        if thumbnail is not None:
+            buffer = io.BytesIO()
+            thumbnail.save(buffer, format="PNG")
+            formats.write_bytes_atomic(path.with_suffix(THUMB_SUFFIX), buffer.getvalue())
+        return formats.write_atomic(path, tensors, metadata)
+
+    def rename(self, old: str, new: str) -> StyleInfo:
+        source, target = self.get(old).path, self.path_for(new)
+        if target.exists():
+            raise ValueError(f"A style named {new!r} already exists; pick another name.")
+        thumb = source.with_suffix(THUMB_SUFFIX)
+        source.rename(target)
+        if thumb.exists():
+            thumb.rename(target.with_suffix(THUMB_SUFFIX))
+        return self.get(new)
+
+    def delete(self, name: str) -> None:
+        path = self.get(name).path
+        path.unlink()
+        path.with_suffix(THUMB_SUFFIX).unlink(missing_ok=True)

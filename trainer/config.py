@@ -1,0 +1,135 @@
+"""TrainConfig: the single source of truth for one training run.
+
+Every field carries a one-line help (as peft's LoraConfig does); the UI's Advanced
+accordion, the CLI and the style file's metadata are all derived from these fields.
+This module imports no torch so the UI can read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from styles.library import check_style_name
+
+DEFAULT_CAPTION_TEMPLATE = "an image in the style of {trigger}"
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+
+def _field(default: Any, help: str, **ui: Any) -> Any:
+    """A dataclass field with help text and optional UI hints (min, max, step, choices)."""
+    meta = {"help": help, **ui}
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    style_name: str = _field("", "Name of the style; letters, digits, '-' and '_' (it becomes the file name).")
+    trigger: str = _field("", "Word that calls the style up in prompts; defaults to the style name.")
+    caption_template: str = _field(
+        DEFAULT_CAPTION_TEMPLATE, "Caption for images without a .txt file; {trigger} is replaced by the trigger word."
+    )
+    rank: int = _field(16, "LoRA rank: capacity of the adapter (file size grows with it).", minimum=1, maximum=256, step=1)
+    alpha: float = _field(0.0, "LoRA alpha: the update is scaled by alpha / rank; 0 means alpha = rank.", minimum=0, maximum=512, step=0.5)
+    learning_rate: float = _field(1e-4, "AdamW learning rate of the LoRA weights.", minimum=1e-6, maximum=1e-2)
+    steps: int = _field(500, "Number of optimisation steps.", minimum=1, maximum=100_000, step=1)
+    batch_size: int = _field(1, "Images per step.", minimum=1, maximum=64, step=1)
+    resolution: int = _field(0, "Training resolution in pixels; 0 uses the base model's native size.", minimum=0, maximum=2048, step=8)
+    seed: int = _field(0, "Random seed; the same seed and data give the same adapter.", minimum=0, maximum=2**31 - 1, step=1)
+    precision: str = _field("auto", "Frozen weights' dtype: auto picks bf16/fp16 on GPU and fp32 on CPU.", choices=PRECISIONS)
+    target_modules: list[str] = _field(
+        list(DEFAULT_TARGET_MODULES), "UNet attention projections that receive LoRA layers."
+    )
+    num_samples: int = _field(2, "Sample images generated at the end of training.", minimum=0, maximum=8, step=1)
+
+    # -- derived values -------------------------------------------------------------
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha or float(self.rank)
+
+    @property
+    def trigger_word(self) -> str:
+        return self.trigger.strip() or self.style_name
+
+    def caption_for(self, caption: str | None) -> str:
+        """The caption used for an image: its own text, else the template with the trigger filled in."""
+        if caption and caption.strip():
+            return caption.strip()
+        return self.caption_template.replace("{trigger}", self.trigger_word)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming every problem at once; return self when all is well."""
+        problems = []
+        try:
+            check_style_name(self.style_name)
+        except ValueError as err:
+            problems.append(str(err).rstrip("."))
+        for f in dataclasses.fields(self):
+            lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
+            value = getattr(self, f.name)
+            if lo is not None and value < lo or hi is not None and value > hi:
+                problems.append(f"{f.name} = {value} is outside {lo}..{hi}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if not self.target_modules:
+            problems.append("target_modules is empty: name at least one of " + ", ".join(DEFAULT_TARGET_MODULES))
+        if problems:
+            raise ValueError("Invalid training settings: " + "; ".join(problems) + ".")
+        return self
+
+    # -- serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown training settings: {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        """Load a config from .toml or .json."""
+        path = Path(path)
+        if path.suffix == ".toml":
+            import tomllib
+
+            return cls.from_dict(tomllib.loads(path.read_text()))
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+# Presets trade time for quality. Values are overrides on top of the dataclass defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "Quick": {"steps": 200, "rank": 8, "learning_rate": 3e-4},
+    "Balanced": {},  # the dataclass defaults: rank 16, alpha = rank, lr 1e-4, 500 steps
+    "Best": {"steps": 1500, "rank": 32},
+}
+DEFAULT_PRESET = "Balanced"
+
+
+def make_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a preset plus explicit overrides (overrides win).
+
+    >>> make_config("Quick", style_name="ink", steps=10).steps
+    10
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    return TrainConfig.from_dict({**PRESETS[preset], **overrides})
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The TrainConfig fields, for UIs and CLIs that derive their controls from them."""
+    return list(dataclasses.fields(TrainConfig))

@@ -1,0 +1,133 @@
+"""The embedded default base model: a tiny Stable-Diffusion-architecture pipeline built in code.
+
+It has every part of a real SD 1.x pipeline (CLIP tokenizer with BPE merges and text encoder,
+VAE, cross-attention UNet, scheduler) at a size that runs in seconds on a CPU, so the product
+works offline with no download. Weights come from a fixed seed, so every machine builds the same
+model (same UNet hash).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+EMBEDDED_ID = "embedded:tiny-sd-v1"
+SEED = 20261122
+RESOLUTION = 64  # pixels; the VAE downsamples 4x, so the UNet works on 16x16 latents
+
+# Every word here is a single token, so prompts built from them condition cleanly.
+WORDS = """
+a an the of in on at with and or image picture photo painting drawing sketch style art
+red orange yellow green blue purple pink brown black white gray grey cyan magenta gold silver
+circle square triangle star heart ring cross diamond line lines dot dots stripe stripes
+small large big tiny left right top bottom center middle one two three four many
+background foreground texture noise grid checker wood stone paper canvas ink pencil
+watercolor oil pastel pixel neon vintage retro dark light bright soft sharp bold thin thick
+cat dog tree house flower sun moon sky sea mountain person face car bird fish
+""".split()
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose vocabulary holds every byte plus each word in WORDS as one token."""
+    symbols = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        # Merge left to right: "red" -> ("r","e") -> ("re","d</w>"): every prefix becomes a token.
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = parts[0]
+        for part in parts[1:]:
+            if (merged, part) not in merges:
+                merges.append((merged, part))
+            merged += part
+            vocab.setdefault(merged, len(vocab))
+    specials = ("<|startoftext|>", "<|endoftext|>")
+    # BPE applies merges by rank, so an early merge from one word can split another ("gr|een").
+    # Join the pieces such a word ends in with merges ranked last, until every word is one token.
+    while True:
+        full_vocab = {**vocab, **{token: len(vocab) + i for i, token in enumerate(specials)}}
+        tokenizer = CLIPTokenizer(vocab=full_vocab, merges=list(merges))
+        split = [tokenizer.tokenize(word) for word in WORDS]
+        split = [pieces for pieces in split if len(pieces) > 1]
+        if not split:
+            break
+        for pieces in split:
+            merged = pieces[0]
+            for piece in pieces[1:]:
+                if (merged, piece) not in merges:
+                    merges.append((merged, piece))
+                merged += piece
+                vocab.setdefault(merged, len(vocab))
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def build_pipeline() -> StableDiffusionPipeline:
+    """Build the embedded pipeline, always with the same weights."""
+    tokenizer = build_tokenizer()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(SEED)
+    try:
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=16,
+            sample_size=RESOLUTION,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=RESOLUTION // 4,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=64,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

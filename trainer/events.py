@@ -1,0 +1,50 @@
+"""Typed events that train() yields. Small, picklable, torch-free dataclasses.
+
+Whoever runs training (the job runner, the CLI, a test) decides what to do with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Started:
+    total_steps: int
+    num_images: int
+    skipped: list[str] = field(default_factory=list)  # "file: reason" for every image left out
+
+
+@dataclass
+class Step:
+    step: int  # 1-based count of finished steps
+    total_steps: int
+    loss: float
+    lr: float
+    it_per_s: float
+    eta_s: float
+
+
+@dataclass
+class Sample:
+    step: int
+    images: list[Any]  # PIL images
+    prompts: list[str]
+
+
+@dataclass
+class Finished:
+    style_name: str
+    path: str
+    steps_done: int
+    stopped_early: bool = False
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Started | Step | Sample | Finished | Failed
+TERMINAL = (Finished, Failed)
