@@ -145,11 +145,11 @@ def _zip_entries(path: Path):
     with archive:
         for info in sorted(archive.infolist(), key=lambda i: i.filename):
             member = PurePosixPath(info.filename)
-            if info.is_dir() or _is_hidden(info.filename):
-                continue
             name = f"{path.name}/{info.filename}"
             if member.is_absolute() or ".." in member.parts:
                 yield name, "unsafe path inside the zip (absolute or containing '..')"
+                continue
+            if info.is_dir() or _is_hidden(info.filename):
                 continue
             yield name, archive.read(info)
 

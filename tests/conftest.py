@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny image sets made in code, the embedded base model, a trained style."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def pattern_image(seed: int, size: int = 64) -> Image.Image:
+    """A deterministic striped picture: enough structure for a style to learn something."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, size=(2, 3))
+    stripes = (np.arange(size)[:, None] + np.arange(size)[None, :]) // 8 % 2
+    return Image.fromarray(colours[stripes].astype(np.uint8), "RGB")
+
+
+def png_bytes(image: Image.Image, **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=save_args.pop("format", "PNG"), **save_args)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Four PNGs in a folder, one with a caption file."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        pattern_image(i).save(folder / f"img{i}.png")
+    (folder / "img0.txt").write_text("a red circle in zq style")
+    return folder
+
+
+@pytest.fixture
+def image_zip(tmp_path, image_folder):
+    path = tmp_path / "set.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(image_folder.iterdir()):
+            archive.write(file, f"set/{file.name}")
+    return path
+
+
+@pytest.fixture
+def base():
+    """A fresh embedded base model (training borrows its UNet, so tests get their own)."""
+    from trainer.base import load_base
+
+    return load_base()
+
+
+@pytest.fixture
+def library(tmp_path):
+    from styles.library import StyleLibrary
+
+    return StyleLibrary(tmp_path / "workspace")
+
+
+def train_style(library, name: str, seed: int, steps: int = 6, **overrides):
+    """Train a tiny style into `library` on a fresh base; return the Finished event."""
+    from trainer.base import load_base
+    from trainer.config import make_config
+    from trainer.data import ImageSet
+    from trainer.events import Failed
+    from trainer.train import train
+
+    images = [pattern_image(seed * 10 + i) for i in range(3)]
+    image_set = ImageSet(images=images, captions=[None] * 3, names=["a", "b", "c"])
+    cfg = make_config("Quick", style_name=name, steps=steps, seed=seed, learning_rate=5e-3, num_samples=1, **overrides)
+    events = list(train(cfg, image_set, load_base(), library))
+    assert not isinstance(events[-1], Failed), events[-1]
+    return events[-1]

@@ -1,0 +1,136 @@
+"""Training: the loss falls, the UNet changes, the file holds only UNet attention LoRA weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from styles import formats
+from tests.conftest import pattern_image, train_style
+from trainer.config import PRESETS, TrainConfig, make_config
+from trainer.data import ImageSet
+from trainer.events import Failed, Finished, Sample, Started, Step
+from trainer.train import TRAINING_ADAPTER, diffusion_loss, encode_images, encode_prompts, train
+
+
+def _images(n=3):
+    return ImageSet(images=[pattern_image(i) for i in range(n)], captions=[None] * n, names=[str(i) for i in range(n)])
+
+
+def _fixed_batch(base, images, cfg):
+    """A fixed batch (latents, embeddings, noise, timesteps) to measure the loss on before and after."""
+    generator = torch.Generator().manual_seed(123)
+    mean, _ = encode_images(base.pipe, images.images)
+    latents = mean * base.pipe.vae.config.scaling_factor
+    embeds = encode_prompts(base.pipe, [cfg.caption_for(None)] * len(images))
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.tensor([100, 500, 900])
+    return latents, embeds, noise, timesteps
+
+
+def test_training_lowers_the_loss_and_changes_the_unet(base, library):
+    images = _images()
+    cfg = make_config("Quick", style_name="stripes", steps=30, learning_rate=1e-3, num_samples=1)
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
+    batch = _fixed_batch(base, images, cfg)
+    with torch.no_grad():
+        loss_before = diffusion_loss(base.pipe.unet, scheduler, *batch).item()
+        out_before = base.pipe.unet(batch[0], batch[3], batch[1]).sample
+
+    events = iter(train(cfg, images, base, library))
+    # Run the loop but stop before the adapter is removed, to measure with it in place.
+    seen = []
+    for event in events:
+        seen.append(event)
+        if isinstance(event, Step) and event.step == cfg.steps:
+            break
+    with torch.no_grad():
+        loss_after = diffusion_loss(base.pipe.unet, scheduler, *batch).item()
+        out_after = base.pipe.unet(batch[0], batch[3], batch[1]).sample
+    rest = list(events)
+
+    assert isinstance(seen[0], Started) and seen[0].total_steps == 30
+    assert [e.step for e in seen if isinstance(e, Step)] == list(range(1, 31))
+    assert loss_after < loss_before * 0.98, (loss_before, loss_after)
+    assert (out_after - out_before).abs().max() > 1e-3
+    assert isinstance(rest[0], Sample) and len(rest[0].images) == 1
+    assert isinstance(rest[-1], Finished) and library.exists("stripes")
+    # The adapter is removed again: the base UNet gives its original output.
+    with torch.no_grad():
+        assert torch.equal(base.pipe.unet(batch[0], batch[3], batch[1]).sample, out_before)
+    assert TRAINING_ADAPTER not in getattr(base.pipe.unet, "peft_config", {})
+
+
+def test_style_file_holds_only_unet_attention_lora_weights(library):
+    finished = train_style(library, "ink", seed=1, rank=4, alpha=2.0)
+    tensors, metadata = formats.read_style(finished.path)
+    assert tensors, "no tensors saved"
+    for key, value in tensors.items():
+        assert key.startswith("unet.") and ".attn" in key, key
+        assert key.endswith((".to_q.lora_A.weight", ".to_k.lora_A.weight", ".to_v.lora_A.weight", ".to_out.0.lora_A.weight",
+                             ".to_q.lora_B.weight", ".to_k.lora_B.weight", ".to_v.lora_B.weight", ".to_out.0.lora_B.weight")), key
+        assert 4 in value.shape
+    assert formats.lora_config(metadata) == {"r": 4, "lora_alpha": 2.0, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
+    info = formats.style_info(metadata)
+    assert TrainConfig.from_dict(__import__("json").loads(info["config"])).rank == 4
+    assert info["trigger"] == "ink" and info["base_model"].startswith("embedded:") and len(info["unet_hash"]) == 16
+
+
+def test_same_seed_gives_the_same_adapter(tmp_path):
+    from styles.library import StyleLibrary
+
+    first = formats.read_style(train_style(StyleLibrary(tmp_path / "a"), "s", seed=7).path)[0]
+    second = formats.read_style(train_style(StyleLibrary(tmp_path / "b"), "s", seed=7).path)[0]
+    third = formats.read_style(train_style(StyleLibrary(tmp_path / "c"), "s", seed=8).path)[0]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], third[k]) for k in first)
+
+
+def test_existing_style_is_not_overwritten(base, library):
+    train_style(library, "taken", seed=1)
+    before = library.path_for("taken").read_bytes()
+    events = list(train(make_config("Quick", style_name="taken", steps=2), _images(), base, library))
+    assert isinstance(events[-1], Failed) and "already exists" in events[-1].message
+    assert library.path_for("taken").read_bytes() == before
+
+
+def test_stop_flag_cancels_without_saving(base, library):
+    import threading
+
+    stop = threading.Event()
+    events = []
+    for event in train(make_config("Quick", style_name="halt", steps=50), _images(), base, library, stop=stop):
+        events.append(event)
+        if isinstance(event, Step) and event.step == 3:
+            stop.set()
+    assert isinstance(events[-1], Failed) and "cancelled after 3 of 50" in events[-1].message
+    assert not library.exists("halt")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"style_name": "../evil"}, "not allowed"),
+        ({"style_name": "ok", "rank": 0}, "rank = 0 is outside"),
+        ({"style_name": "ok", "precision": "fp8"}, "precision must be one of"),
+        ({"style_name": "ok", "target_modules": []}, "target_modules is empty"),
+    ],
+)
+def test_invalid_config_is_refused_with_the_reason(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**overrides).validate()
+
+
+def test_presets_and_overrides():
+    assert set(PRESETS) == {"Quick", "Balanced", "Best"}
+    balanced = make_config("Balanced", style_name="x")
+    assert (balanced.rank, balanced.lora_alpha, balanced.learning_rate) == (16, 16.0, 1e-4)
+    assert make_config("Best", style_name="x", rank=8).lora_alpha == 8.0
+    cfg = make_config("Quick", style_name="x", steps=3)
+    assert TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(ValueError, match="Unknown training settings: bogus"):
+        TrainConfig.from_dict({"bogus": 1})
