@@ -1,0 +1,123 @@
+"""The actions behind the UI and the API, as plain Python: train, generate, list, export, rename, delete.
+
+Handlers raise ValueError with a message meant for the user; the UI layer turns it into gr.Error.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from styles.blend import Blender, save_png
+from styles.library import StyleLibrary
+from trainer.base import load_base
+from trainer.config import make_config
+from trainer.data import ingest
+from trainer.events import Event, Failed, Finished
+from trainer.jobs import TrainingJob
+
+
+@dataclass
+class Generated:
+    paths: list[Path]
+    active: dict[str, float]
+    warnings: list[str]
+
+
+class Studio:
+    """One workspace, one base model, one blender; training runs in child processes."""
+
+    def __init__(self, workspace: str | Path, model: str | None = None):
+        self.workspace = Path(workspace).resolve()
+        self.model = model
+        self.library = StyleLibrary(self.workspace)
+        self.outputs = self.workspace / "outputs"
+        self.exports = self.workspace / "exports"
+        for folder in (self.outputs, self.exports):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.base = load_base(model)
+        self.blender = Blender(self.base, self.library)
+        self._train_lock = threading.Lock()  # one training job on this machine at a time
+
+    # -- train ---------------------------------------------------------------------------
+    def train(self, sources: list[str], preset: str, **settings) -> Iterator[Event]:
+        """Validate, ingest, then run training in a child process, yielding its events."""
+        settings = {key: value for key, value in settings.items() if value not in (None, "")}
+        cfg = make_config(preset, **settings).validate()
+        if self.library.exists(cfg.style_name):
+            raise ValueError(f"A style named {cfg.style_name!r} already exists; pick another name or delete it first.")
+        if not sources:
+            raise ValueError("No images were uploaded: add image files or a zip of images.")
+        images = ingest(sources, cfg.resolution or self.base.resolution)
+        if not self._train_lock.acquire(blocking=False):
+            raise ValueError("Another style is training right now; wait for it to finish.")
+        try:
+            job = TrainingJob(cfg, images, self.model, self.workspace).start()
+            try:
+                yield from job.events()
+            finally:
+                if job.alive:  # the consumer went away (browser closed): stop the child too
+                    job.cancel()
+        finally:
+            self._train_lock.release()
+
+    # -- generate ------------------------------------------------------------------------
+    def generate(self, prompt: str, styles: dict[str, float] | None = None, **options) -> Generated:
+        if not prompt or not prompt.strip():
+            raise ValueError("Write a prompt first.")
+        warnings_before = len(self.blender.warnings)
+        images = self.blender.generate(prompt, styles=styles, **options)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        paths = []
+        for index, image in enumerate(images):
+            seed = options.get("seed", 0)
+            paths.append(save_png(image, self.outputs / f"{stamp}-{seed}-{index}-{time.monotonic_ns() % 10**6}.png"))
+        active = {name: scale for name, scale in (styles or {}).items() if float(scale) != 0}
+        return Generated(paths, active, self.blender.warnings[warnings_before:])
+
+    # -- library -------------------------------------------------------------------------
+    def list_styles(self) -> list[dict]:
+        return [info.summary() for info in self.library.list()]
+
+    def export(self, name: str) -> Path:
+        """A download copy of the style in the diffusers layout (stock load_lora_weights reads it)."""
+        source = self.library.get(name).path
+        target = self.exports / f"{name}.safetensors"
+        shutil.copyfile(source, target)
+        return target
+
+    def rename(self, old: str, new: str) -> None:
+        self.library.rename(old, new)
+
+    def delete(self, name: str) -> None:
+        self.library.delete(name)
+
+
+def describe(event: Event) -> str:
+    """One line of Markdown for a training event."""
+    from trainer.events import Sample, Started, Step
+
+    if isinstance(event, Started):
+        skipped = f" Skipped {len(event.skipped)}: " + "; ".join(event.skipped) if event.skipped else ""
+        return f"Preparing {event.num_images} images for {event.total_steps} steps.{skipped}"
+    if isinstance(event, Step):
+        return (
+            f"Step {event.step} of {event.total_steps} · loss {event.loss:.4f} · "
+            f"{event.it_per_s:.1f} it/s · {_duration(event.eta_s)} left"
+        )
+    if isinstance(event, Sample):
+        return f"Rendering samples after step {event.step}…"
+    if isinstance(event, Finished):
+        return f"**Done.** Style **{event.style_name}** is ready after {event.steps_done} steps."
+    if isinstance(event, Failed):
+        return f"**Failed.** {event.message}"
+    return str(event)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
