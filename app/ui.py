@@ -67,7 +67,8 @@ def advanced_control(field):
     if typing.get_origin(field.type) is list or str(field.type).startswith("list"):
         return gr.Textbox(value="", label=label, info=info + " Comma-separated.", placeholder=", ".join(field.default_factory()))
     precision = 0 if field.type in (int, "int") else None
-    return gr.Number(value=None, label=label, info=info, precision=precision, minimum=meta.get("minimum"), maximum=meta.get("maximum"))
+    # No minimum/maximum here: TrainConfig.validate() refuses bad values with a message naming the field.
+    return gr.Number(value=None, label=label, info=info, precision=precision)
 
 
 def parse_advanced(values: dict) -> dict:

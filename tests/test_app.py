@@ -1,0 +1,173 @@
+"""The running app, started as a real subprocess and driven through gradio_client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import pattern_image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """`python -m app` on the embedded model, in its own workspace; yields (client, workspace)."""
+    workspace = tmp_path_factory.mktemp("workspace")
+    port = _free_port()
+    log = open(workspace / "app.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "--workspace", str(workspace), "--port", str(port)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    client = None
+    while client is None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("app did not start:\n" + (workspace / "app.log").read_text()[-3000:])
+        try:
+            client = Client(url, verbose=False)
+        except Exception:
+            time.sleep(1)
+    yield client, workspace
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def uploads(tmp_path_factory):
+    """Loose PNGs and a zip with a caption file, as a user would upload them."""
+    folder = tmp_path_factory.mktemp("uploads")
+    files = []
+    for i in range(3):
+        pattern_image(i).save(folder / f"loose{i}.png")
+        files.append(folder / f"loose{i}.png")
+    with zipfile.ZipFile(folder / "more.zip", "w") as archive:
+        for i in range(3, 5):
+            archive.writestr(f"more/z{i}.png", _png(pattern_image(i)))
+        archive.writestr("more/z3.txt", "a blue star, zigzag style")
+    return files, folder / "more.zip"
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _train(client, name, files, **settings):
+    return client.predict(
+        files=[handle_file(str(f)) for f in files], style_name=name, preset="Quick", steps=8, num_samples=1,
+        api_name="/train_style", **settings,
+    )
+
+
+def test_upload_train_generate_blend_export_delete(app, uploads, tmp_path):
+    client, workspace = app
+    loose, archive = uploads
+
+    # Upload files (one style) and a zip with a caption (another), train both.
+    status, _, samples = _train(client, "zigzag", [*loose[:2], archive], learning_rate=5e-3)
+    assert "Done" in status and len(samples) == 1
+    status, _, _ = _train(client, "pastel", loose, seed=3, learning_rate=5e-3)
+    assert "Done" in status
+    listed = {style["name"]: style for style in client.predict(api_name="/list_styles")}
+    assert set(listed) == {"zigzag", "pastel"} and listed["zigzag"]["steps"] == 8 and listed["zigzag"]["rank"] == 8
+
+    # Generate with no style, each style, and both at different scales: all different, base reproducible.
+    def generate(styles):
+        gallery, info = client.predict(prompt="a red circle", seed=7, steps=6, styles=styles, api_name="/generate")
+        return Image.open(gallery[0]["image"]), info
+
+    base_image, _ = generate({})
+    zero_image, _ = generate({"zigzag": 0, "pastel": 0})
+    blended, info = generate({"zigzag": 0.8, "pastel": -0.5})
+    assert np.array_equal(np.asarray(base_image), np.asarray(zero_image))
+    assert not np.array_equal(np.asarray(base_image), np.asarray(blended))
+    assert "zigzag +0.80" in info and "pastel -0.50" in info
+    recipe = json.loads(blended.text["style_studio"])
+    assert recipe["styles"] == {"zigzag": 0.8, "pastel": -0.5} and recipe["seed"] == 7
+
+    # Export: a diffusers-layout safetensors that stock diffusers loads.
+    exported = client.predict(name="zigzag", api_name="/export_style")
+    from trainer.embedded import build_pipeline
+
+    import torch
+
+    pipe = build_pipeline()
+    plain = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np").images
+    pipe.load_lora_weights(exported)
+    styled = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np").images
+    assert pipe.get_list_adapters()["unet"] and np.abs(styled - plain).max() > 1e-3
+
+    # Delete, and the style is gone from the list and from generation.
+    assert "Deleted" in client.predict(name="pastel", api_name="/delete_style")
+    assert [s["name"] for s in client.predict(api_name="/list_styles")] == ["zigzag"]
+    with pytest.raises(Exception, match="Unknown style"):
+        client.predict(prompt="x", styles={"pastel": 1}, api_name="/generate")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(style_name="../../etc"), "not allowed"),
+        (dict(style_name="ok", rank=0), "rank = 0 is outside"),
+        (dict(style_name="ok", junk="notes.png"), "notes.png: not an image"),  # content checked by us
+        (dict(style_name="ok", junk="notes.html"), "Invalid file type"),  # refused by the upload's file types
+    ],
+)
+def test_bad_training_input_is_refused_with_a_message_and_the_app_keeps_serving(app, uploads, tmp_path, kwargs, message):
+    client, workspace = app
+    files = list(uploads[0])
+    junk_name = kwargs.pop("junk", None)
+    if junk_name:
+        junk = tmp_path / junk_name
+        junk.write_text("<html>not a picture</html>")
+        files = [junk]
+    with pytest.raises(Exception, match=message):
+        _train(client, files=files, name=kwargs.pop("style_name"), **kwargs)
+    assert isinstance(client.predict(api_name="/list_styles"), list)
+    assert not list((workspace / "styles").glob("*.tmp"))
+
+
+def test_existing_style_is_not_overwritten(app, uploads):
+    client, workspace = app
+    _train(client, "keeper", uploads[0])
+    before = (workspace / "styles" / "keeper.safetensors").read_bytes()
+    with pytest.raises(Exception, match="already exists"):
+        _train(client, "keeper", uploads[0], seed=5)
+    assert (workspace / "styles" / "keeper.safetensors").read_bytes() == before
+
+
+def test_bad_generation_input_is_refused(app):
+    client, _ = app
+    with pytest.raises(Exception, match="between -2.0 and 2.0"):
+        client.predict(prompt="x", styles={"keeper": 5}, api_name="/generate")
+    with pytest.raises(Exception, match="multiples of"):
+        client.predict(prompt="x", width=65, api_name="/generate")
+    with pytest.raises(Exception, match="Write a prompt"):
+        client.predict(prompt="  ", api_name="/generate")
