@@ -17,7 +17,7 @@ from styles.library import StyleLibrary
 from trainer.base import load_base
 from trainer.config import make_config
 from trainer.data import ingest
-from trainer.events import Event, Failed, Finished
+from trainer.events import Event, Failed, Finished, Sample, Started, Step
 from trainer.jobs import TrainingJob
 
 
@@ -48,6 +48,7 @@ class Studio:
         """Validate, ingest, then run training in a child process, yielding its events."""
         settings = {key: value for key, value in settings.items() if value not in (None, "")}
         cfg = make_config(preset, **settings).validate()
+        # train() checks this too; checking here refuses before any image is read or process started.
         if self.library.exists(cfg.style_name):
             raise ValueError(f"A style named {cfg.style_name!r} already exists; pick another name or delete it first.")
         if not sources:
@@ -99,8 +100,6 @@ class Studio:
 
 def describe(event: Event) -> str:
     """One line of Markdown for a training event."""
-    from trainer.events import Sample, Started, Step
-
     if isinstance(event, Started):
         skipped = f" Skipped {len(event.skipped)}: " + "; ".join(event.skipped) if event.skipped else ""
         return f"Preparing {event.num_images} images for {event.total_steps} steps.{skipped}"

@@ -7,6 +7,7 @@ Every handler turns a ValueError into gr.Error, so the user sees the message and
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 import typing
 
@@ -30,7 +31,7 @@ def user_errors(fn):
     def convert(err):
         return gr.Error(str(err), print_exception=False)
 
-    if _is_generator(fn):
+    if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -49,12 +50,6 @@ def user_errors(fn):
                 raise convert(err) from None
 
     return wrapper
-
-
-def _is_generator(fn) -> bool:
-    import inspect
-
-    return inspect.isgeneratorfunction(fn)
 
 
 def advanced_control(field):
@@ -93,7 +88,6 @@ def with_advanced_parameters(fn):
     Gradio names API parameters after the function's parameters and makes those with a None
     default optional, so API clients can pass e.g. steps=50 and leave the rest to the preset.
     """
-    import inspect
 
     signature = inspect.signature(fn)
     fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]

@@ -38,13 +38,7 @@ def build_tokenizer() -> CLIPTokenizer:
     merges: list[tuple[str, str]] = []
     for word in WORDS:
         # Merge left to right: "red" -> ("r","e") -> ("re","d</w>"): every prefix becomes a token.
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = parts[0]
-        for part in parts[1:]:
-            if (merged, part) not in merges:
-                merges.append((merged, part))
-            merged += part
-            vocab.setdefault(merged, len(vocab))
+        _join(list(word[:-1]) + [word[-1] + "</w>"], merges, vocab)
     specials = ("<|startoftext|>", "<|endoftext|>")
     # BPE applies merges by rank, so an early merge from one word can split another ("gr|een").
     # Join the pieces such a word ends in with merges ranked last, until every word is one token.
@@ -56,14 +50,19 @@ def build_tokenizer() -> CLIPTokenizer:
         if not split:
             break
         for pieces in split:
-            merged = pieces[0]
-            for piece in pieces[1:]:
-                if (merged, piece) not in merges:
-                    merges.append((merged, piece))
-                merged += piece
-                vocab.setdefault(merged, len(vocab))
+            _join(pieces, merges, vocab)
     tokenizer.model_max_length = 77
     return tokenizer
+
+
+def _join(pieces: list[str], merges: list[tuple[str, str]], vocab: dict[str, int]) -> None:
+    """Append the merges that join `pieces` left to right, and the tokens they make."""
+    merged = pieces[0]
+    for piece in pieces[1:]:
+        if (merged, piece) not in merges:
+            merges.append((merged, piece))
+        merged += piece
+        vocab.setdefault(merged, len(vocab))
 
 
 def build_pipeline() -> StableDiffusionPipeline:
