@@ -25,15 +25,10 @@ def main(argv=None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     args = parser.parse_args(argv)
 
-    from trainer.config import DEFAULT_PRESET, make_config
+    from trainer.config import DEFAULT_PRESET, make_config, read_settings
 
     try:
-        values = {}
-        if args.config:
-            import tomllib
-
-            text = args.config.read_text()
-            values = tomllib.loads(text) if args.config.suffix == ".toml" else json.loads(text)
+        values = read_settings(args.config) if args.config else {}
         for item in args.overrides:
             key, _, raw = item.partition("=")
             try:

@@ -99,15 +99,15 @@ class TrainConfig:
             raise ValueError(f"Unknown training settings: {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
         return cls(**values)
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
-        """Load a config from .toml or .json."""
-        path = Path(path)
-        if path.suffix == ".toml":
-            import tomllib
 
-            return cls.from_dict(tomllib.loads(path.read_text()))
-        return cls.from_dict(json.loads(path.read_text()))
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """Field values from a .toml or .json file (a "preset" key is allowed beside the fields)."""
+    path = Path(path)
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(path.read_text())
+    return json.loads(path.read_text())
 
 
 # Presets trade time for quality. Values are overrides on top of the dataclass defaults.
