@@ -5,6 +5,7 @@ Handlers raise ValueError with a message meant for the user; the UI layer turns 
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -49,8 +50,7 @@ class Studio:
         settings = {key: value for key, value in settings.items() if value not in (None, "")}
         cfg = make_config(preset, **settings).validate()
         # train() checks this too; checking here refuses before any image is read or process started.
-        if self.library.exists(cfg.style_name):
-            raise ValueError(f"A style named {cfg.style_name!r} already exists; pick another name or delete it first.")
+        self.library.ensure_free(cfg.style_name)
         if not sources:
             raise ValueError("No images were uploaded: add image files or a zip of images.")
         images = ingest(sources, cfg.resolution or self.base.resolution)
@@ -72,13 +72,13 @@ class Studio:
             raise ValueError("Write a prompt first.")
         warnings_before = len(self.blender.warnings)
         images = self.blender.generate(prompt, styles=styles, **options)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        paths = []
-        for index, image in enumerate(images):
-            seed = options.get("seed", 0)
-            paths.append(save_png(image, self.outputs / f"{stamp}-{seed}-{index}-{time.monotonic_ns() % 10**6}.png"))
-        active = {name: scale for name, scale in (styles or {}).items() if float(scale) != 0}
-        return Generated(paths, active, self.blender.warnings[warnings_before:])
+        recipe = json.loads(images[0].info["style_studio"])  # the blender's own record of what it applied
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{recipe['seed']}"
+        paths = [
+            save_png(image, self.outputs / f"{stamp}-{index}-{time.monotonic_ns() % 10**6}.png")
+            for index, image in enumerate(images)
+        ]
+        return Generated(paths, recipe["styles"], self.blender.warnings[warnings_before:])
 
     # -- library -------------------------------------------------------------------------
     def list_styles(self) -> list[dict]:

@@ -110,11 +110,16 @@ class StyleLibrary:
             mtime=path.stat().st_mtime,
         )
 
+    def ensure_free(self, name: str) -> None:
+        """Raise FileExistsError, with what to do, when a style of this name exists."""
+        if self.exists(name):
+            raise FileExistsError(f"A style named {name!r} already exists; pick another name or delete it first.")
+
     def save(self, name: str, tensors, metadata: dict[str, str], thumbnail=None, overwrite: bool = False) -> Path:
         """Write a style atomically; refuse to replace an existing one unless `overwrite`."""
         path = self.path_for(name)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"A style named {name!r} already exists; pick another name or delete it first.")
+        if not overwrite:
+            self.ensure_free(name)
         if thumbnail is not None:
             buffer = io.BytesIO()
             thumbnail.save(buffer, format="PNG")

@@ -50,9 +50,12 @@ def train(
     ...     print(event)
     """
     cfg.validate()
-    if library.exists(cfg.style_name) and not overwrite:
-        yield Failed(f"A style named {cfg.style_name!r} already exists; pick another name or delete it first.")
-        return
+    if not overwrite:
+        try:
+            library.ensure_free(cfg.style_name)
+        except FileExistsError as err:
+            yield Failed(str(err))
+            return
     pipe, unet, device = base.pipe, base.pipe.unet, base.device
     yield Started(total_steps=cfg.steps, num_images=len(images), skipped=images.skipped_lines())
 
