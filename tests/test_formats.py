@@ -19,20 +19,20 @@ TOLERANCE = 1e-5
 def test_stock_diffusers_loads_the_export_and_matches_our_blender(library, base, rank, alpha):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.embedded import build_pipeline
+    from trainer.embedded import MODEL_DIR
 
     path = train_style(library, "ink", seed=3, rank=rank, alpha=alpha).path
     ours = Blender(base, library).base.pipe
     Blender(base, library).apply({"ink": 1.0})
 
-    stock: StableDiffusionPipeline = build_pipeline()
+    stock = StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)  # the stock loader, as a user would
     stock.load_lora_weights(path)  # stock call, no adapter name, no extra arguments
 
     kwargs = dict(prompt="a red circle", num_inference_steps=6, output_type="np")
     ours_out = ours(**kwargs, generator=torch.Generator().manual_seed(4)).images
     stock_out = stock(**kwargs, generator=torch.Generator().manual_seed(4)).images
     assert np.abs(ours_out - stock_out).max() < TOLERANCE
-    base_out = build_pipeline()(**kwargs, generator=torch.Generator().manual_seed(4)).images
+    base_out = StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)(**kwargs, generator=torch.Generator().manual_seed(4)).images
     assert np.abs(stock_out - base_out).max() > 1e-3  # the style really is applied
 
 

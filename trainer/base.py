@@ -1,4 +1,7 @@
-"""Load a base model (embedded tiny default, hub id, diffusers folder, single .safetensors file).
+"""Load a base model: the embedded default, a hub id, a diffusers folder or a single .safetensors file.
+
+The embedded model is a diffusers folder we pretrain and commit (trainer/embedded.py); it is
+loaded with from_pretrained like any other.
 
 Also the one place that decides device and dtype (ARCHITECTURE.md convention 5).
 """
@@ -68,7 +71,11 @@ def load_base(model: str | None = None, precision: str = "auto") -> Base:
     """
     device, dtype = choose_device_dtype(precision)
     if model in (None, "", embedded.EMBEDDED_ID, "embedded"):
-        pipe, model_id = embedded.build_pipeline(), embedded.EMBEDDED_ID
+        if not (embedded.MODEL_DIR / "model_index.json").is_file():
+            raise ValueError(
+                f"The embedded model is missing from {embedded.MODEL_DIR}; rebuild it with `python -m trainer.pretrain`."
+            )
+        pipe, model_id = _load_pipeline(str(embedded.MODEL_DIR), dtype), embedded.EMBEDDED_ID
     else:
         pipe, model_id = _load_pipeline(str(model), dtype), str(model)
     family = detect_family(pipe)
@@ -100,11 +107,11 @@ def _load_pipeline(model: str, dtype: torch.dtype):
     if path.suffix.lower() == ".safetensors":
         if not path.is_file():
             raise ValueError(f"Checkpoint file {model} does not exist.")
-        return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype)
+        return StableDiffusionPipeline.from_single_file(str(path), dtype=dtype)
     if path.exists() and not (path / "model_index.json").is_file():
         raise ValueError(f"{model} is not a diffusers model folder (it has no model_index.json).")
     try:
-        return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
+        return DiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None)
     except OSError as err:
         raise ValueError(
             f"Cannot load base model {model!r}: {err}. Give a hub id that is in the local cache "

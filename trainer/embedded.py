@@ -1,32 +1,30 @@
-"""The embedded default base model: a tiny Stable-Diffusion-architecture pipeline built in code.
+"""The embedded default base model: a tiny Stable-Diffusion-architecture pipeline we pretrain ourselves.
 
 It has every part of a real SD 1.x pipeline (CLIP tokenizer with BPE merges and text encoder,
-VAE, cross-attention UNet, scheduler) at a size that runs in seconds on a CPU, so the product
-works offline with no download. Weights come from a fixed seed, so every machine builds the same
-model (same UNet hash).
+VAE, cross-attention UNet, DDIM scheduler) at a size that draws a 64 px picture in well under a
+second on a laptop CPU. `python -m trainer.pretrain` builds the architecture below and trains it
+on procedural captioned scenes (trainer/scenes.py); the result is committed in the diffusers
+folder layout at MODEL_DIR and loaded with `from_pretrained`, like any other model.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-EMBEDDED_ID = "embedded:tiny-sd-v1"
+from trainer import scenes
+
+EMBEDDED_ID = "embedded:tiny-sd-v2"
+MODEL_DIR = Path(__file__).parent / "embedded_model"
 SEED = 20261122
 RESOLUTION = 64  # pixels; the VAE downsamples 4x, so the UNet works on 16x16 latents
 
 # Every word here is a single token, so prompts built from them condition cleanly.
-WORDS = """
-a an the of in on at with and or image picture photo painting drawing sketch style art
-red orange yellow green blue purple pink brown black white gray grey cyan magenta gold silver
-circle square triangle star heart ring cross diamond line lines dot dots stripe stripes
-small large big tiny left right top bottom center middle one two three four many
-background foreground texture noise grid checker wood stone paper canvas ink pencil
-watercolor oil pastel pixel neon vintage retro dark light bright soft sharp bold thin thick
-cat dog tree house flower sun moon sky sea mountain person face car bird fish
-""".split()
+WORDS = scenes.vocabulary() + "style image picture of in with and".split()
 
 
 def build_tokenizer() -> CLIPTokenizer:
@@ -65,18 +63,17 @@ def _join(pieces: list[str], merges: list[tuple[str, str]], vocab: dict[str, int
         vocab.setdefault(merged, len(vocab))
 
 
-def build_pipeline() -> StableDiffusionPipeline:
-    """Build the embedded pipeline, always with the same weights."""
-    tokenizer = build_tokenizer()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(SEED)
-    try:
+def build_untrained_pipeline(tokenizer: CLIPTokenizer | None = None) -> StableDiffusionPipeline:
+    """The embedded architecture with fresh weights from SEED (the starting point of pretraining)."""
+    tokenizer = tokenizer or build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=3,
                 num_attention_heads=4,
                 max_position_embeddings=77,
                 bos_token_id=tokenizer.bos_token_id,
@@ -89,26 +86,24 @@ def build_pipeline() -> StableDiffusionPipeline:
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 3,
             up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
+            block_out_channels=(32, 64, 64),
             layers_per_block=1,
             latent_channels=4,
-            norm_num_groups=16,
+            norm_num_groups=32,
             sample_size=RESOLUTION,
         )
         unet = UNet2DConditionModel(
             sample_size=RESOLUTION // 4,
             in_channels=4,
             out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(64, 128, 128),
             layers_per_block=1,
-            cross_attention_dim=64,
-            attention_head_dim=8,
-            norm_num_groups=16,
+            cross_attention_dim=128,
+            attention_head_dim=4,
+            norm_num_groups=32,
         )
-    finally:
-        torch.random.set_rng_state(generator_state)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
