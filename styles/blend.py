@@ -21,6 +21,8 @@ from trainer.base import Base
 
 SCALE_RANGE = (-2.0, 2.0)
 MAX_SIDE = 2048
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 7.5
 
 
 class Blender:
@@ -76,8 +78,8 @@ class Blender:
         prompt: str,
         negative_prompt: str = "",
         seed: int = 0,
-        steps: int = 20,
-        guidance: float = 7.5,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
         width: int = 0,
         height: int = 0,
         styles: dict[str, float] | None = None,
