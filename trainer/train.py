@@ -76,6 +76,7 @@ def train(
         unet.add_adapter(lora_config, adapter_name=TRAINING_ADAPTER)
     try:
         unet.set_adapter(TRAINING_ADAPTER)
+        unet.enable_adapters()  # a blender may have switched LoRA layers off (every scale at 0)
         cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=device.type == "cuda")
