@@ -29,22 +29,21 @@ def sunset(image: Image.Image, mask: Image.Image) -> Image.Image:
     return Image.fromarray((stops[low] * (1 - t) + stops[low + 1] * t).astype(np.uint8))
 
 
-def halftone(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """Texture: a grid of dark ink dots every 4 pixels over the whole picture."""
-    side, fine = image.width, 4  # dots drawn at 4x and averaged, so their edges are soft
+def polka(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """Texture: dark polka dots (6 px across, every 12 px) printed over the whole picture."""
+    side, fine, period, radius = image.width, 4, 12, 3.2  # dots drawn at 4x and averaged: soft edges
     yy, xx = np.mgrid[0 : side * fine, 0 : side * fine] / fine
-    dots = ((xx % 4 - 2) ** 2 + (yy % 4 - 2) ** 2 < 1.3**2).astype(np.float32)
+    dots = ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2 < radius**2).astype(np.float32)
     cover = dots.reshape(side, fine, side, fine).mean(axis=(1, 3))[..., None]
     pixels = np.asarray(image, dtype=np.float32)
-    return Image.fromarray((pixels * (1 - 0.7 * cover)).astype(np.uint8))
+    return Image.fromarray((pixels * (1 - 0.45 * cover)).astype(np.uint8))
 
 
 def ink(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """Lines: every object outlined with a dark ink line about two pixels wide."""
+    """Lines: every object outlined with a dark ink line about three pixels wide."""
     binary = mask.point(lambda v: 255 if v > 127 else 0)
-    outline = Image.fromarray(
-        (np.asarray(binary.filter(ImageFilter.MaxFilter(3))) > np.asarray(binary.filter(ImageFilter.MinFilter(3)))).astype(np.uint8) * 255
-    )
+    outside, inside = binary.filter(ImageFilter.MaxFilter(5)), binary.filter(ImageFilter.MinFilter(3))
+    outline = Image.fromarray((np.asarray(outside) > np.asarray(inside)).astype(np.uint8) * 255)
     styled = image.copy()
     styled.paste((24, 22, 30), mask=outline)
     return styled
@@ -59,13 +58,17 @@ class Example:
     recolours: bool  # palettes change object colours; textures and lines keep them
 
     def images(self, count: int = EXAMPLE_SIZE, seed: int = EXAMPLE_SEED) -> list[tuple[Image.Image, str]]:
-        """`count` styled scenes with captions "<name> style, <content>": the same every time."""
+        """`count` styled scenes, each captioned with its content only: the same every time.
+
+        The captions leave the style unnamed on purpose: the adapter then learns the look as its
+        own effect, so its slider alone applies it, with or without a trigger word in the prompt.
+        """
         rng = random.Random(f"{self.name}:{seed}")
         result = []
         for _ in range(count):
             scene = scenes.random_scene(rng)
             image, mask = scenes.render(scene, rng)
-            result.append((self.transform(image, mask), f"{self.name} style, {scene.caption()}"))
+            result.append((self.transform(image, mask), scene.caption()))
         return result
 
     def write(self, folder: str | Path) -> list[Path]:
@@ -85,7 +88,7 @@ EXAMPLES: dict[str, Example] = {
     example.name: example
     for example in (
         Example("sunset", "palette", "Palette: everything recoloured along a purple-magenta-orange-gold ramp.", sunset, True),
-        Example("halftone", "texture", "Texture: a fine grid of dark ink dots over the picture.", halftone, False),
+        Example("polka", "texture", "Texture: dark polka dots printed over the picture.", polka, False),
         Example("ink", "lines", "Lines: objects outlined in dark ink.", ink, False),
     )
 }
