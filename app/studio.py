@@ -19,6 +19,7 @@ from trainer.base import load_base
 from trainer.config import make_config
 from trainer.data import ingest
 from trainer.events import Event, Failed, Finished, Sample, Started, Step
+from trainer.examples import EXAMPLES
 from trainer.jobs import TrainingJob
 
 
@@ -65,6 +66,25 @@ class Studio:
                     job.cancel()
         finally:
             self._train_lock.release()
+
+    def example(self, name: str) -> tuple[list[Path], str]:
+        """The files of an example style (written once into the workspace) and a free style name for it."""
+        if name not in EXAMPLES:
+            raise ValueError(f"Unknown example {name!r}; choose one of {', '.join(EXAMPLES)}.")
+        folder = self.workspace / "examples" / name
+        if not folder.is_dir():
+            staging = folder.with_name(f".{name}-{time.monotonic_ns()}")
+            EXAMPLES[name].write(staging)
+            try:
+                staging.rename(folder)  # atomic: a half-written example folder is never seen
+            except OSError:  # another session wrote it first
+                shutil.rmtree(staging, ignore_errors=True)
+        style_name = next(
+            candidate
+            for candidate in [name] + [f"{name}-{i}" for i in range(2, 1000)]
+            if not self.library.exists(candidate)
+        )
+        return sorted(folder.iterdir()), style_name
 
     # -- generate ------------------------------------------------------------------------
     def generate(self, prompt: str, styles: dict[str, float] | None = None, **options) -> Generated:

@@ -15,8 +15,10 @@ import gradio as gr
 import pandas as pd
 
 from app.studio import Studio, describe
+from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from trainer.config import DEFAULT_CAPTION_TEMPLATE, DEFAULT_PRESET, PRESETS, config_fields
 from trainer.events import Failed, Finished, Sample, Step
+from trainer.examples import EXAMPLES
 
 TOP_FIELDS = ("style_name", "trigger", "caption_template")  # shown above the Advanced accordion
 ADVANCED_FIELDS = [f for f in config_fields() if f.name not in TOP_FIELDS]
@@ -97,23 +99,9 @@ def with_advanced_parameters(fn):
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
-    @with_advanced_parameters
-    @user_errors
-    def train_style(files, style_name, trigger=None, caption_template=None, preset=None, **advanced):
-        """Train a style from uploaded images (files, a zip, .txt captions); streams progress.
-
-        Every TrainConfig field is an optional keyword (rank, steps, learning_rate, ...): empty uses the preset.
-        """
-        paths = [getattr(f, "name", f) for f in (files or [])]
-        settings = parse_advanced(advanced)
-        events = studio.train(
-            paths,
-            preset or DEFAULT_PRESET,
-            style_name=(style_name or "").strip(),
-            trigger=(trigger or "").strip(),
-            caption_template=caption_template or DEFAULT_CAPTION_TEMPLATE,
-            **settings,
-        )
+    def stream_training(paths, preset, **settings):
+        """Run a training job; yield (status, loss table, samples), throttled; raise ValueError if it fails."""
+        events = studio.train(paths, preset or DEFAULT_PRESET, **settings)
         losses, samples, last_yield, status = [], [], 0.0, ""
         for event in events:
             status = describe(event)
@@ -130,8 +118,36 @@ def build_ui(studio: Studio) -> gr.Blocks:
         if not isinstance(event, Finished):
             raise ValueError(status)
 
+    @with_advanced_parameters
     @user_errors
-    def generate(prompt, negative_prompt=None, seed=0, steps=20, guidance=7.5, width=0, height=0, styles=None):
+    def train_style(files, style_name, trigger=None, caption_template=None, preset=None, **advanced):
+        """Train a style from uploaded images (files, a zip, .txt captions); streams progress.
+
+        Every TrainConfig field is an optional keyword (rank, steps, learning_rate, ...): empty uses the preset.
+        """
+        yield from stream_training(
+            [getattr(f, "name", f) for f in (files or [])],
+            preset,
+            style_name=(style_name or "").strip(),
+            trigger=(trigger or "").strip(),
+            caption_template=caption_template or DEFAULT_CAPTION_TEMPLATE,
+            **parse_advanced(advanced),
+        )
+
+    @user_errors
+    def train_example(example, preset=None):
+        """Train one of the bundled example styles (no uploads needed); streams progress like train_style."""
+        paths, name = studio.example(example)
+        files_value = [str(path) for path in paths]
+        yield files_value, name, f"Training the example style **{name}**…", None, []
+        for update in stream_training(files_value, preset, style_name=name):
+            yield files_value, name, *update
+
+    def example_preview(example):
+        return [(image, caption) for image, caption in EXAMPLES[example].images()[:8]] if example in EXAMPLES else []
+
+    @user_errors
+    def generate(prompt, negative_prompt=None, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, width=0, height=0, styles=None):
         """Generate images with styles blended at the given scales, e.g. styles={"ink": 0.8}."""
         result = studio.generate(
             prompt,
@@ -187,6 +203,15 @@ def build_ui(studio: Studio) -> gr.Blocks:
         blend = gr.JSON(value={}, visible=False, label="styles")  # {style: scale}, kept by the sliders
 
         with gr.Tab("Train"):
+            with gr.Accordion("No images at hand? Train an example style in one click", open=True):
+                with gr.Row():
+                    example = gr.Radio(
+                        [(f"{name}: {e.description}", name) for name, e in EXAMPLES.items()],
+                        value=next(iter(EXAMPLES)), label="Example style", scale=4,
+                    )
+                    example_button = gr.Button("Train this example", variant="secondary", scale=1)
+                example_images = gr.Gallery(value=example_preview(next(iter(EXAMPLES))), label="Some of its images",
+                                            columns=8, height=110, elem_classes="pixelated")
             files = gr.File(label="Images: files or a zip (optional .txt captions with the same name)", file_count="multiple",
                             file_types=["image", ".zip", ".txt"])
             with gr.Row():
@@ -207,8 +232,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
             negative = gr.Textbox(label="Negative prompt")
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="Seed")
-                steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
+                steps = gr.Slider(1, 100, value=DEFAULT_STEPS, step=1, label="Steps")
+                guidance = gr.Slider(0, 20, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance")
                 width = gr.Number(value=studio.base.resolution, precision=0, label="Width")
                 height = gr.Number(value=studio.base.resolution, precision=0, label="Height")
             gr.Markdown("**Styles** (0 turns a style off; negative values push away from it)")
@@ -252,6 +277,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
             [status, loss_plot, samples],
             inputs_kwargs=dict(zip([f.name for f in ADVANCED_FIELDS], advanced)),
             api_name="train_style",
+        ).then(**refresh_args)
+        example.change(example_preview, [example], [example_images], api_visibility="private", show_progress="hidden")
+        example_button.click(
+            train_example, [example, preset], [files, style_name, status, loss_plot, samples], api_name="train_example"
         ).then(**refresh_args)
         generate_button.click(
             generate, [prompt, negative, seed, steps, guidance, width, height, blend], [gallery, info], api_name="generate"

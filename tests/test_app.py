@@ -114,11 +114,12 @@ def test_upload_train_generate_blend_export_delete(app, uploads, tmp_path):
 
     # Export: a diffusers-layout safetensors that stock diffusers loads.
     exported = client.predict(name="zigzag", api_name="/export_style")
-    from trainer.embedded import build_pipeline
-
     import torch
+    from diffusers import StableDiffusionPipeline
 
-    pipe = build_pipeline()
+    from trainer.embedded import MODEL_DIR
+
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)
     plain = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np").images
     pipe.load_lora_weights(exported)
     styled = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np").images
@@ -171,3 +172,14 @@ def test_bad_generation_input_is_refused(app):
         client.predict(prompt="x", width=65, api_name="/generate")
     with pytest.raises(Exception, match="Write a prompt"):
         client.predict(prompt="  ", api_name="/generate")
+
+
+def test_example_style_trains_with_one_call_and_fills_the_form(app):
+    client, workspace = app
+    files, name, status, _, samples = client.predict(example="ink", preset="Quick", api_name="/train_example")
+    assert name == "ink" and "Done" in status and samples
+    assert len(files) == 48 and min(Path(f).name for f in files) == "ink_00.png"
+    assert len(list((workspace / "examples" / "ink").iterdir())) == 48
+    assert "ink" in [style["name"] for style in client.predict(api_name="/list_styles")]
+    with pytest.raises(Exception, match="nope.*not in the list of choices"):
+        client.predict(example="nope", api_name="/train_example")
