@@ -1,0 +1,209 @@
+"""Does a trained style show up, in proportion to its slider, and leave the content alone?
+
+    python -m bench.style_fidelity            # about 10 minutes on 2 CPU cores
+
+For each example style (trainer/examples.py): train it with the default preset, then draw the
+content of its training captions with fixed seeds at several scales and
+measure the style distance between those images and the style's training images; and draw a fixed
+grid of one-object prompts to check that the colour asked for survives. Then blend two styles.
+
+Style distance (set to set, so the particular objects drawn average out): the L1 distance between
+mean colour histograms plus the relative distance between mean Gram matrices of fixed filter
+responses (edges, dots, lines). Reported:
+- style shift = 1 - d(scale 1) / d(scale 0)                       floor: >= 0.5 for every style
+- d falls monotonically as the scale grows (0, 0.25, ..., 1)
+- content: the object colour asked for is read back at scale 1 about as often as at scale 0
+  (for styles that do not recolour, i.e. textures and lines)
+- blending styles A and B at (s, 1 - s) moves monotonically from B to A
+- training time with the default preset                            floor: < 3 minutes
+Prints one table, writes a picture grid (styles by scales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS, Blender
+from styles.library import StyleLibrary
+from trainer import scenes
+from trainer.base import load_base
+from trainer.config import DEFAULT_PRESET, make_config
+from trainer.data import ImageSet
+from trainer.events import Failed, Finished
+from trainer.examples import EXAMPLE_SIZE, EXAMPLES
+from trainer.train import train
+
+SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+GRID_PROMPTS = 24
+HIST_BINS = 6  # per channel
+
+# Fixed 3x3 filters on luminance: horizontal and vertical edges, the two diagonals, a spot (dot) detector.
+FILTERS = torch.tensor(
+    [
+        [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]],
+        [[-1, -2, -1], [0, 0, 0], [1, 2, 1]],
+        [[0, 1, 2], [-1, 0, 1], [-2, -1, 0]],
+        [[2, 1, 0], [1, 0, -1], [0, -1, -2]],
+        [[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]],
+    ],
+    dtype=torch.float32,
+)[:, None] / 8
+
+
+def colour_histogram(image: Image.Image) -> np.ndarray:
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3) // (256 // HIST_BINS)
+    pixels = np.minimum(pixels, HIST_BINS - 1)
+    index = (pixels[:, 0] * HIST_BINS + pixels[:, 1]) * HIST_BINS + pixels[:, 2]
+    return np.bincount(index, minlength=HIST_BINS**3) / len(index)
+
+
+def gram(image: Image.Image) -> np.ndarray:
+    luminance = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255)[None, None]
+    responses = torch.nn.functional.conv2d(luminance, FILTERS).flatten(1)  # filters x pixels
+    return (responses @ responses.T / responses.shape[1]).numpy()
+
+
+def style_distance(images: list[Image.Image], reference: list[Image.Image]) -> float:
+    """Colour-histogram L1 (0..2) + relative Gram distance between the two sets' means."""
+    colour = np.abs(np.mean([colour_histogram(i) for i in images], 0) - np.mean([colour_histogram(i) for i in reference], 0)).sum()
+    g, g_ref = np.mean([gram(i) for i in images], 0), np.mean([gram(i) for i in reference], 0)
+    return float(colour + np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref))
+
+
+def grid_scenes(count: int = GRID_PROMPTS, seed: int = 11) -> list[scenes.Scene]:
+    """One centred object per prompt, so its colour can be read back."""
+    rng = random.Random(seed)
+    result = []
+    while len(result) < count:
+        shape, colour = rng.choice(scenes.SHAPES), rng.choice(list(scenes.COLOURS))
+        background = rng.choice([c for c in scenes.COLOURS if c != colour])
+        if (shape, colour) not in scenes.HELD_OUT:
+            result.append(scenes.Scene(shape, colour, background))
+    return result
+
+
+def colour_right(images: list[Image.Image], scene_list: list[scenes.Scene]) -> float:
+    return float(np.mean([scenes.read_colours(image)[1] == scene.colour for image, scene in zip(images, scene_list)]))
+
+
+def monotonic(values: list[float], decreasing: bool = True) -> bool:
+    pairs = zip(values, values[1:])
+    return all(b <= a for a, b in pairs) if decreasing else all(b >= a for a, b in pairs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.style_fidelity", description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", default="bench/out/fidelity", help="where the trained styles go (replaced)")
+    parser.add_argument("--grid", default="bench/results/style_grid.png", help="picture grid to write")
+    parser.add_argument("--steps", type=int, default=0, help="override the preset's steps (0: the preset's)")
+    args = parser.parse_args(argv)
+
+    base = load_base()
+    library = StyleLibrary(args.workspace)
+    for name in library.names():
+        library.delete(name)
+    blender = Blender(base, library)
+
+    def draw(prompts: list[str], styles: dict[str, float]) -> list[Image.Image]:
+        images = []
+        for start in range(0, len(prompts), 8):  # batches of 8 prompts, fixed seeds
+            images += _generate(blender, prompts[start : start + 8], start, styles)
+        return images
+
+    # Content check and picture grid: one centred object per prompt, so its colour can be read back.
+    scene_list = grid_scenes()
+    content_prompts = [scene.caption() for scene in scene_list]
+    content_base = draw(content_prompts, {})
+    rows, training_sets, grid_rows = [], {}, []
+    for name, example in EXAMPLES.items():
+        pairs = example.images()
+        training_sets[name] = [image for image, _ in pairs]
+        cfg = make_config(DEFAULT_PRESET, style_name=name, num_samples=0, **({"steps": args.steps} if args.steps else {}))
+        started = time.perf_counter()
+        last = None
+        for last in train(cfg, ImageSet(training_sets[name], [c for _, c in pairs], [f"{name}{i}" for i in range(len(pairs))]), base, library):
+            pass
+        seconds = time.perf_counter() - started
+        if not isinstance(last, Finished):
+            raise SystemExit(f"training {name} failed: {last}")
+        # The distance is measured on the training images' own content (their captions), so what
+        # differs between the sets is the look, not which objects were drawn.
+        prompts = [caption for _, caption in pairs]
+        distances = [style_distance(draw(prompts, {name: s}), training_sets[name]) for s in SCALES]
+        content = {s: draw(content_prompts, {name: s}) if s else content_base for s in (0.0, 0.5, 1.0)}
+        rows.append(
+            {
+                "style": f"{name} ({example.kind})",
+                "train_s": seconds,
+                "d": distances,
+                "shift": 1 - distances[-1] / distances[0],
+                "monotonic": monotonic(distances),
+                "colour0": colour_right(content[0.0], scene_list),
+                "colour1": colour_right(content[1.0], scene_list),
+                "recolours": example.recolours,
+            }
+        )
+        grid_rows.append([content[s] for s in (0.0, 0.5, 1.0)])
+
+    # Blend the first two styles: A at s, B at 1 - s.
+    a, b = list(EXAMPLES)[:2]
+    blend_d = []
+    for s in SCALES:
+        images = draw(content_prompts, {a: s, b: 1 - s})
+        blend_d.append((style_distance(images, training_sets[a]), style_distance(images, training_sets[b])))
+
+    cfg = make_config(DEFAULT_PRESET)
+    print(f"Style fidelity: {DEFAULT_PRESET} preset ({cfg.steps} steps, rank {cfg.rank}, lr {cfg.learning_rate:g}), "
+          f"{EXAMPLE_SIZE} prompts per distance, {len(content_prompts)} for colour, {torch.get_num_threads()} CPU threads")
+    header = "".join(f"{'d@' + format(s, 'g'):>7s}" for s in SCALES)
+    print(f"{'style':20s}{'train':>8s}{header}{'shift':>8s}{'monotonic':>11s}{'colour right @0 -> @1':>24s}")
+    ok = True
+    for row in rows:
+        colour = f"{row['colour0']:.0%} -> {row['colour1']:.0%}" + (" (recolours)" if row["recolours"] else "")
+        print(f"{row['style']:20s}{row['train_s']:7.0f}s" + "".join(f"{d:7.3f}" for d in row["d"])
+              + f"{row['shift']:8.2f}{str(row['monotonic']):>11s}{colour:>24s}")
+        ok &= row["shift"] >= 0.5 and row["monotonic"] and row["train_s"] < 180
+        ok &= row["recolours"] or row["colour1"] >= row["colour0"] - 0.1
+    towards_a = monotonic([d for d, _ in blend_d]) and monotonic([d for _, d in blend_d], decreasing=False)
+    print(f"blend {a} at s, {b} at 1-s: d to {a} " + " ".join(f"{d:.3f}" for d, _ in blend_d)
+          + f" | d to {b} " + " ".join(f"{d:.3f}" for _, d in blend_d) + f" | monotonic: {towards_a}")
+    ok &= towards_a
+    print("floors (shift >= 0.5, monotonic, content kept, blend monotonic, training < 3 min):", "met" if ok else "NOT met")
+
+    if args.grid:
+        save_grid(grid_rows, [r["style"] for r in rows], Path(args.grid))
+        print("grid:", args.grid)
+
+
+def _generate(blender: Blender, prompts: list[str], seed: int, styles: dict[str, float]) -> list[Image.Image]:
+    blender.apply(styles)
+    generator = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return blender.base.pipe(
+        prompts, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, generator=generator
+    ).images
+
+
+def save_grid(grid_rows: list[list[list[Image.Image]]], labels: list[str], path: Path, shown: int = 4, zoom: int = 2) -> None:
+    """Rows: styles; columns: scales 0, 0.5, 1; each cell the first `shown` prompts side by side."""
+    side = grid_rows[0][0][0].width * zoom
+    gap = side // 4
+    width = len(grid_rows[0]) * (shown * side + gap) - gap
+    grid = Image.new("RGB", (width, len(grid_rows) * (side + gap) - gap), "white")
+    for r, row in enumerate(grid_rows):
+        for c, cell in enumerate(row):
+            for i, image in enumerate(cell[:shown]):
+                x = c * (shown * side + gap) + i * side
+                grid.paste(image.resize((side, side), Image.Resampling.NEAREST), (x, r * (side + gap)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+if __name__ == "__main__":
+    main()
