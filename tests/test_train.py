@@ -134,3 +134,22 @@ def test_presets_and_overrides():
     assert TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg
     with pytest.raises(ValueError, match="Unknown training settings: bogus"):
         TrainConfig.from_dict({"bogus": 1})
+
+
+def test_caption_dropout_trains_on_the_empty_caption(library):
+    """With every caption dropped, what the captions say cannot change the adapter; without, it does."""
+    from safetensors.torch import load_file
+
+    def adapter(name, caption, dropout):
+        images = ImageSet(images=[pattern_image(i) for i in range(2)], captions=[caption] * 2, names=["a", "b"])
+        cfg = make_config("Quick", style_name=name, steps=4, learning_rate=1e-3, num_samples=0, caption_dropout=dropout)
+        from trainer.base import load_base
+
+        events = list(train(cfg, images, load_base(), library))
+        assert isinstance(events[-1], Finished), events[-1]
+        return load_file(events[-1].path)
+
+    red, blue = adapter("red", "a red circle", 1.0), adapter("blue", "a blue star", 1.0)
+    assert all(torch.equal(red[key], blue[key]) for key in red)
+    kept_red, kept_blue = adapter("kept-red", "a red circle", 0.0), adapter("kept-blue", "a blue star", 0.0)
+    assert not all(torch.equal(kept_red[key], kept_blue[key]) for key in kept_red)

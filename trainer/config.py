@@ -42,6 +42,10 @@ class TrainConfig:
     steps: int = _field(500, "Number of optimisation steps.", minimum=1, maximum=100_000, step=1)
     batch_size: int = _field(1, "Images per step.", minimum=1, maximum=64, step=1)
     resolution: int = _field(0, "Training resolution in pixels; 0 uses the base model's native size.", minimum=0, maximum=2048, step=8)
+    caption_dropout: float = _field(
+        0.1, "Share of steps trained with an empty caption, so the style also holds without its prompt words.",
+        minimum=0.0, maximum=1.0,
+    )
     seed: int = _field(0, "Random seed; the same seed and data give the same adapter.", minimum=0, maximum=2**31 - 1, step=1)
     precision: str = _field("auto", "Frozen weights' dtype: auto picks bf16/fp16 on GPU and fp32 on CPU.", choices=PRECISIONS)
     target_modules: list[str] = _field(

@@ -63,6 +63,7 @@ def train(
     latent_mean, latent_std = encode_images(pipe, images.images)
     captions = [cfg.caption_for(caption) for caption in images.captions]
     text_embeds = encode_prompts(pipe, captions)
+    empty_embed = encode_prompts(pipe, [""])  # for caption dropout: the classifier-free guidance branch
 
     # 2. LoRA layers on the attention projections; their init is seeded so a run is reproducible.
     lora_config = LoraConfig(
@@ -96,8 +97,12 @@ def train(
             latents = (latent_mean[batch] + latent_std[batch] * eps) * pipe.vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
+            embeds = text_embeds[batch]
+            if cfg.caption_dropout:
+                dropped = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
+                embeds = torch.where(dropped[:, None, None], empty_embed, embeds)
             loss = diffusion_loss(
-                unet, noise_scheduler, latents.to(device), text_embeds[batch].to(device), noise.to(device), timesteps.to(device), base.dtype
+                unet, noise_scheduler, latents.to(device), embeds.to(device), noise.to(device), timesteps.to(device), base.dtype
             )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
