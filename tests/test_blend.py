@@ -95,3 +95,19 @@ def test_generated_images_carry_their_recipe(blender, tmp_path):
     text = Image.open(path).text
     assert "a blue star <lora:pastel:0.5>" in text["parameters"] and "Seed: 11" in text["parameters"]
     assert '"styles": {"pastel": 0.5}' in text["style_studio"]
+
+
+def test_training_on_the_blenders_base_works_after_every_scale_was_zero(blender, library):
+    """Generating with all scales at 0 switches LoRA layers off; a training run on that base must still learn."""
+    from trainer.config import make_config
+    from trainer.data import ImageSet
+    from trainer.events import Finished
+    from trainer.train import train
+    from tests.conftest import pattern_image
+
+    _image(blender, {"ink": 1.0})
+    _image(blender, {"ink": 0.0})  # disable_lora()
+    cfg = make_config("Quick", style_name="after", steps=3, num_samples=0)
+    events = list(train(cfg, ImageSet([pattern_image(9)], [None], ["a"]), blender.base, library))
+    assert isinstance(events[-1], Finished), events[-1]
+    assert "after" in library.names()
