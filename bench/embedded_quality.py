@@ -44,6 +44,7 @@ def seen_scenes(count: int, seed: int = 1) -> list[scenes.Scene]:
 
 @torch.no_grad()
 def draw(pipe, prompts: list[str], seed: int, steps: int, guidance: float) -> list:
+    """One image per prompt, in batches; image i has its own seed (seed * 1000 + i), so batching changes nothing."""
     images = []
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start : start + BATCH]

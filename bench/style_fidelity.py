@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.embedded_quality import draw
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS, Blender
 from styles.library import StyleLibrary
 from trainer import scenes
 from trainer.base import load_base
 from trainer.config import DEFAULT_PRESET, make_config
 from trainer.data import ImageSet
-from trainer.events import Failed, Finished
+from trainer.events import Finished
 from trainer.examples import EXAMPLE_SIZE, EXAMPLES
 from trainer.train import train
 
@@ -111,16 +112,14 @@ def main(argv: list[str] | None = None) -> None:
         library.delete(name)
     blender = Blender(base, library)
 
-    def draw(prompts: list[str], styles: dict[str, float]) -> list[Image.Image]:
-        images = []
-        for start in range(0, len(prompts), 8):  # batches of 8 prompts, fixed seeds
-            images += _generate(blender, prompts[start : start + 8], start, styles)
-        return images
+    def draw_styled(prompts: list[str], styles: dict[str, float]) -> list[Image.Image]:
+        blender.apply(styles)
+        return draw(base.pipe, prompts, 0, DEFAULT_STEPS, DEFAULT_GUIDANCE)  # image i always has seed i
 
     # Content check and picture grid: one centred object per prompt, so its colour can be read back.
     scene_list = grid_scenes()
     content_prompts = [scene.caption() for scene in scene_list]
-    content_base = draw(content_prompts, {})
+    content_base = draw_styled(content_prompts, {})
     rows, training_sets, grid_rows = [], {}, []
     for name, example in EXAMPLES.items():
         pairs = example.images()
@@ -136,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         # The distance is measured on the training images' own content (their captions), so what
         # differs between the sets is the look, not which objects were drawn.
         prompts = [caption for _, caption in pairs]
-        distances = [style_distance(draw(prompts, {name: s}), training_sets[name]) for s in SCALES]
-        content = {s: draw(content_prompts, {name: s}) if s else content_base for s in (0.0, 0.5, 1.0)}
+        distances = [style_distance(draw_styled(prompts, {name: s}), training_sets[name]) for s in SCALES]
+        content = {s: draw_styled(content_prompts, {name: s}) if s else content_base for s in (0.0, 0.5, 1.0)}
         rows.append(
             {
                 "style": f"{name} ({example.kind})",
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     a, b = list(EXAMPLES)[:2]
     blend_d = []
     for s in SCALES:
-        images = draw(content_prompts, {a: s, b: 1 - s})
+        images = draw_styled(content_prompts, {a: s, b: 1 - s})
         blend_d.append((style_distance(images, training_sets[a]), style_distance(images, training_sets[b])))
 
     cfg = make_config(DEFAULT_PRESET)
@@ -180,14 +179,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.grid:
         save_grid(grid_rows, [r["style"] for r in rows], Path(args.grid))
         print("grid:", args.grid)
-
-
-def _generate(blender: Blender, prompts: list[str], seed: int, styles: dict[str, float]) -> list[Image.Image]:
-    blender.apply(styles)
-    generator = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    return blender.base.pipe(
-        prompts, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, generator=generator
-    ).images
 
 
 def save_grid(grid_rows: list[list[list[Image.Image]]], labels: list[str], path: Path, shown: int = 4, zoom: int = 2) -> None:
