@@ -144,7 +144,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
             yield files_value, name, *update
 
     def example_preview(example):
-        return [(image, caption) for image, caption in EXAMPLES[example].images()[:8]] if example in EXAMPLES else []
+        return [(image, caption) for image, caption in EXAMPLES[example].images(8)] if example in EXAMPLES else []
 
     @user_errors
     def generate(prompt, negative_prompt=None, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, width=0, height=0, styles=None):

@@ -33,6 +33,7 @@ def held_out_scenes() -> list[scenes.Scene]:
 
 
 def seen_scenes(count: int, seed: int = 1) -> list[scenes.Scene]:
+    """`count` one-object prompts whose (shape, colour) pair was seen in pretraining."""
     rng = random.Random(seed)
     result = []
     while len(result) < count:

@@ -1,6 +1,6 @@
 """Does a trained style show up, in proportion to its slider, and leave the content alone?
 
-    python -m bench.style_fidelity            # about 10 minutes on 2 CPU cores
+    python -m bench.style_fidelity            # about 6 minutes on 2 CPU cores
 
 For each example style (trainer/examples.py): train it with the default preset, then draw the
 content of its training captions with fixed seeds at several scales and
@@ -22,7 +22,6 @@ Prints one table, writes a picture grid (styles by scales).
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.embedded_quality import draw
+from bench.embedded_quality import draw, seen_scenes
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS, Blender
 from styles.library import StyleLibrary
 from trainer import scenes
@@ -78,18 +77,6 @@ def style_distance(images: list[Image.Image], reference: list[Image.Image]) -> f
     return float(colour + np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref))
 
 
-def grid_scenes(count: int = GRID_PROMPTS, seed: int = 11) -> list[scenes.Scene]:
-    """One centred object per prompt, so its colour can be read back."""
-    rng = random.Random(seed)
-    result = []
-    while len(result) < count:
-        shape, colour = rng.choice(scenes.SHAPES), rng.choice(list(scenes.COLOURS))
-        background = rng.choice([c for c in scenes.COLOURS if c != colour])
-        if (shape, colour) not in scenes.HELD_OUT:
-            result.append(scenes.Scene(shape, colour, background))
-    return result
-
-
 def colour_right(images: list[Image.Image], scene_list: list[scenes.Scene]) -> float:
     return float(np.mean([scenes.read_colours(image)[1] == scene.colour for image, scene in zip(images, scene_list)]))
 
@@ -117,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         return draw(base.pipe, prompts, 0, DEFAULT_STEPS, DEFAULT_GUIDANCE)  # image i always has seed i
 
     # Content check and picture grid: one centred object per prompt, so its colour can be read back.
-    scene_list = grid_scenes()
+    scene_list = seen_scenes(GRID_PROMPTS, seed=11)
     content_prompts = [scene.caption() for scene in scene_list]
     content_base = draw_styled(content_prompts, {})
     rows, training_sets, grid_rows = [], {}, []
@@ -177,11 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     print("floors (shift >= 0.5, monotonic, content kept, blend monotonic, training < 3 min):", "met" if ok else "NOT met")
 
     if args.grid:
-        save_grid(grid_rows, [r["style"] for r in rows], Path(args.grid))
+        save_grid(grid_rows, Path(args.grid))
         print("grid:", args.grid)
 
 
-def save_grid(grid_rows: list[list[list[Image.Image]]], labels: list[str], path: Path, shown: int = 4, zoom: int = 2) -> None:
+def save_grid(grid_rows: list[list[list[Image.Image]]], path: Path, shown: int = 4, zoom: int = 2) -> None:
     """Rows: styles; columns: scales 0, 0.5, 1; each cell the first `shown` prompts side by side."""
     side = grid_rows[0][0][0].width * zoom
     gap = side // 4

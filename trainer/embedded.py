@@ -63,9 +63,9 @@ def _join(pieces: list[str], merges: list[tuple[str, str]], vocab: dict[str, int
         vocab.setdefault(merged, len(vocab))
 
 
-def build_untrained_pipeline(tokenizer: CLIPTokenizer | None = None) -> StableDiffusionPipeline:
+def build_untrained_pipeline() -> StableDiffusionPipeline:
     """The embedded architecture with fresh weights from SEED (the starting point of pretraining)."""
-    tokenizer = tokenizer or build_tokenizer()
+    tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         text_encoder = CLIPTextModel(
