@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
 
 from styles import formats
 from tests.conftest import pattern_image, train_style
+from styles.library import StyleLibrary
+from trainer.checkpoints import CheckpointDir
 from trainer.config import PRESETS, TrainConfig, make_config
 from trainer.data import ImageSet
-from trainer.events import Failed, Finished, Sample, Started, Step
+from trainer.events import Cancelled, Failed, Finished, Sample, Started, Step
 from trainer.train import TRAINING_ADAPTER, diffusion_loss, encode_images, encode_prompts, train
 
 
@@ -98,17 +101,77 @@ def test_existing_style_is_not_overwritten(base, library):
     assert library.path_for("taken").read_bytes() == before
 
 
-def test_stop_flag_cancels_without_saving(base, library):
-    import threading
-
+def test_stop_flag_cancels_without_saving_a_style(base, library):
     stop = threading.Event()
     events = []
     for event in train(make_config("Quick", style_name="halt", steps=50), _images(), base, library, stop=stop):
         events.append(event)
         if isinstance(event, Step) and event.step == 3:
             stop.set()
-    assert isinstance(events[-1], Failed) and "cancelled after 3 of 50" in events[-1].message
+    assert isinstance(events[-1], Cancelled) and events[-1].step == 3 and events[-1].checkpoint is None
     assert not library.exists("halt")
+
+
+def _run(cfg, library, checkpoints=None, resume=False, stop_at=None):
+    from trainer.base import load_base
+
+    stop, events = threading.Event(), []
+    for event in train(cfg, _images(), load_base(), library, stop=stop, checkpoints=checkpoints, resume=resume):
+        events.append(event)
+        if isinstance(event, Step) and event.step == stop_at:
+            stop.set()
+    return events
+
+
+def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = make_config("Quick", style_name="same", steps=12, learning_rate=1e-3, num_samples=0, checkpoint_every=4)
+    straight = _run(cfg, StyleLibrary(tmp_path / "a"))
+    checkpoints = CheckpointDir(tmp_path / "ckpt", keep=2)
+    library = StyleLibrary(tmp_path / "b")
+    stopped = _run(cfg, library, checkpoints, stop_at=6)  # stops after step 6: a checkpoint is written on the way out
+    assert isinstance(stopped[-1], Cancelled) and stopped[-1].checkpoint.endswith("step-000006.safetensors")
+    assert [p.name for p in checkpoints.paths()] == ["step-000004.safetensors", "step-000006.safetensors"]  # pruned to 2
+    resumed = _run(cfg, library, checkpoints, resume=True)
+    assert resumed[0].resumed_from == 6 and len(resumed[0].losses) == 6
+    assert [e.step for e in resumed if isinstance(e, Step)] == list(range(7, 13))
+    expected, got = load_file(straight[-1].path), load_file(resumed[-1].path)
+    # Same seed, same data, same order of random draws: equal to float rounding (1e-6 is generous on CPU).
+    assert expected.keys() == got.keys() and all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+    assert not list(checkpoints.folder.glob("*.tmp"))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    checkpoints = CheckpointDir(tmp_path / "ckpt", keep=3)
+    cfg = make_config("Quick", style_name="fall", steps=8, num_samples=0, checkpoint_every=4)
+    _run(cfg, StyleLibrary(tmp_path / "ws"), checkpoints, stop_at=6)
+    newest = checkpoints.paths()[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write from another tool
+    state, notes = checkpoints.load_latest()
+    assert state.step == 4 and "step-000006.safetensors is unreadable" in notes[0]
+    resumed = _run(cfg, StyleLibrary(tmp_path / "ws"), checkpoints, resume=True)
+    assert resumed[0].resumed_from == 4 and isinstance(resumed[-1], Finished)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import trainer.train as train_module
+
+    real_loss, calls = train_module.diffusion_loss, []
+
+    def loss_that_explodes_at_step_6(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(train_module, "diffusion_loss", loss_that_explodes_at_step_6)
+    checkpoints = CheckpointDir(tmp_path / "ckpt")
+    cfg = make_config("Quick", style_name="nan", steps=10, num_samples=0, checkpoint_every=4)
+    events = _run(cfg, StyleLibrary(tmp_path / "ws"), checkpoints)
+    assert isinstance(events[-1], Failed) and "loss became nan at step 6" in events[-1].message
+    assert "step-000004" in events[-1].message and not StyleLibrary(tmp_path / "ws").exists("nan")
+    state, _ = checkpoints.load_latest()
+    assert state.step == 4 and all(torch.isfinite(v).all() for v in state.adapter.values())
 
 
 @pytest.mark.parametrize(

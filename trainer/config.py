@@ -51,7 +51,12 @@ class TrainConfig:
     target_modules: list[str] = _field(
         list(DEFAULT_TARGET_MODULES), "UNet attention projections that receive LoRA layers."
     )
-    num_samples: int = _field(2, "Sample images generated at the end of training.", minimum=0, maximum=8, step=1)
+    num_samples: int = _field(2, "Sample images rendered from fixed prompts and seeds while training.", minimum=0, maximum=8, step=1)
+    sample_every: int = _field(100, "Render the samples every this many steps (0: only at the end).", minimum=0, maximum=100_000, step=1)
+    checkpoint_every: int = _field(
+        100, "Save a checkpoint (to resume from) every this many steps (0: never).", minimum=0, maximum=100_000, step=1
+    )
+    keep_checkpoints: int = _field(3, "How many of the newest checkpoints to keep.", minimum=1, maximum=100, step=1)
 
     # -- derived values -------------------------------------------------------------
     @property

@@ -14,6 +14,9 @@ class Started:
     total_steps: int
     num_images: int
     skipped: list[str] = field(default_factory=list)  # "file: reason" for every image left out
+    resumed_from: int = 0  # the step a resumed run continues after (0: a fresh run)
+    losses: list[float] = field(default_factory=list)  # the loss history up to resumed_from
+    notes: list[str] = field(default_factory=list)  # e.g. a damaged checkpoint that was passed over
 
 
 @dataclass
@@ -34,6 +37,18 @@ class Sample:
 
 
 @dataclass
+class Checkpoint:
+    step: int
+    path: str
+
+
+@dataclass
+class Cancelled:
+    step: int
+    checkpoint: str | None  # the run can be resumed from it, or kept as a style
+
+
+@dataclass
 class Finished:
     style_name: str
     path: str
@@ -46,5 +61,5 @@ class Failed:
     message: str
 
 
-Event = Started | Step | Sample | Finished | Failed
-TERMINAL = (Finished, Failed)
+Event = Started | Step | Sample | Checkpoint | Cancelled | Finished | Failed
+TERMINAL = (Finished, Failed, Cancelled)

@@ -8,25 +8,30 @@ between the UNet's prediction and the noise (or the velocity, for v-prediction m
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import is_tensorboard_available
 from diffusers import DDPMScheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from styles import formats
 from styles.library import StyleLibrary
 from trainer.base import Base
+from trainer.checkpoints import CheckpointDir, TrainingState
 from trainer.config import TrainConfig
 from trainer.data import ImageSet
-from trainer.events import Event, Failed, Finished, Sample, Started, Step
+from trainer.events import Cancelled, Checkpoint, Event, Failed, Finished, Sample, Started, Step
 
 TRAINING_ADAPTER = "style_studio_training"  # not "training": nn.Module has that attribute
 ENCODE_BATCH = 8
@@ -41,10 +46,18 @@ def train(
     library: StyleLibrary,
     stop: threading.Event | None = None,
     overwrite: bool = False,
+    checkpoints: CheckpointDir | None = None,
+    resume: bool = False,
+    log_dir: str | Path | None = None,
 ) -> Iterator[Event]:
-    """Train a style and save it into `library`, yielding Started, Step..., Sample, Finished (or Failed).
+    """Train a style and save it into `library`, yielding Started, Step..., Sample, Checkpoint, Finished.
 
+    With `checkpoints`, the run saves its state every `cfg.checkpoint_every` steps and when it is
+    stopped (then it ends with Cancelled), and `resume=True` continues from the newest readable
+    checkpoint: the result equals an uninterrupted run's. A failure ends with Failed.
     The base's UNet is borrowed for the run: the LoRA layers are removed again at the end.
+    Under `accelerate launch`, every process runs this and gradients are averaged (data parallel).
+    With `log_dir` and the optional tensorboard package installed, losses also go to TensorBoard.
 
     >>> for event in train(cfg, ingest("photos/", 64), load_base(), StyleLibrary("ws")):  # doctest: +SKIP
     ...     print(event)
@@ -57,13 +70,22 @@ def train(
             yield Failed(str(err))
             return
     pipe, unet, device = base.pipe, base.pipe.unet, base.device
-    yield Started(total_steps=cfg.steps, num_images=len(images), skipped=images.skipped_lines())
+    tensorboard = log_dir is not None and is_tensorboard_available()
+    # One process unless run by `accelerate launch`; its trackers write TensorBoard logs when asked.
+    accelerator = Accelerator(cpu=device.type == "cpu", log_with="tensorboard" if tensorboard else None, project_dir=log_dir)
+    if tensorboard:
+        accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
+    state, notes = checkpoints.load_latest() if checkpoints and resume else (None, [])
+    first_step = state.step if state else 0
+    losses = list(state.losses) if state else []
+    yield Started(cfg.steps, len(images), images.skipped_lines(), first_step, losses[:], notes)
 
     # 1. Cache what the frozen parts compute: latent distributions and caption embeddings.
     latent_mean, latent_std = encode_images(pipe, images.images)
     captions = [cfg.caption_for(caption) for caption in images.captions]
     text_embeds = encode_prompts(pipe, captions)
     empty_embed = encode_prompts(pipe, [""])  # for caption dropout: the classifier-free guidance branch
+    sample_prompts = [captions[i % len(captions)] for i in range(cfg.num_samples)]  # fixed prompts and seeds
 
     # 2. LoRA layers on the attention projections; their init is seeded so a run is reproducible.
     lora_config = LoraConfig(
@@ -82,14 +104,34 @@ def train(
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=device.type == "cuda")
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        generator = torch.Generator().manual_seed(cfg.seed)
+        # Each process draws its own batches (data parallel); process 0 draws what a single process would.
+        generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+        if state:  # continue exactly where the checkpoint left off
+            set_peft_model_state_dict(unet, state.adapter, adapter_name=TRAINING_ADAPTER)
+            optimizer.load_state_dict(state.optimizer)
+            generator.set_state(state.generator)
+        model, optimizer = accelerator.prepare(unet, optimizer)  # DDP wrapper under accelerate launch
+        style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash, "num_images": str(len(images))}
+
+        def save_checkpoint(done: int) -> Checkpoint | None:
+            if not checkpoints or not accelerator.is_main_process:
+                return None
+            adapter = get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER)
+            path = checkpoints.save(
+                TrainingState(done, adapter, optimizer.state_dict(), generator.get_state(), losses,
+                              info={**style_info, "config": cfg.to_json()})
+            )
+            return Checkpoint(done, str(path))
 
         # 3. The loop.
         unet.train()
-        started, loss_value, done = time.perf_counter(), float("nan"), 0
-        for step in range(cfg.steps):
-            if stop is not None and stop.is_set():
-                yield Failed(f"Training was cancelled after {done} of {cfg.steps} steps; no style was saved.")
+        started, done = time.perf_counter(), first_step
+        for step in range(first_step, cfg.steps):
+            if stop is not None and stop.is_set():  # leave a checkpoint to resume from or keep as a style
+                saved = save_checkpoint(done) if done > first_step else None
+                if saved:
+                    yield saved
+                yield Cancelled(done, saved.path if saved else (str(state.path) if state else None))
                 return
             batch = torch.randint(len(images), (cfg.batch_size,), generator=generator)
             # Sample the latents from the cached distribution, as encoding every step would.
@@ -101,53 +143,83 @@ def train(
             if cfg.caption_dropout:
                 dropped = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
                 embeds = torch.where(dropped[:, None, None], empty_embed, embeds)
-            loss = diffusion_loss(
-                unet, noise_scheduler, latents.to(device), embeds.to(device), noise.to(device), timesteps.to(device), base.dtype
-            )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            try:
+                loss = diffusion_loss(
+                    model, noise_scheduler, latents.to(device), embeds.to(device), noise.to(device), timesteps.to(device), base.dtype
+                )
+                accelerator.backward(loss)
+            except torch.OutOfMemoryError:
+                yield Failed(OUT_OF_MEMORY.format(step=step + 1) + _kept(checkpoints))
+                return
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):  # checked before the step, so the weights stay good
+                yield Failed(
+                    f"The loss became {loss_value} at step {step + 1}; the run stopped. "
+                    "Lower the learning rate or use fp32 precision." + _kept(checkpoints)
+                )
+                return
+            accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            loss_value, done = loss.item(), step + 1
-            if not math.isfinite(loss_value):
-                yield Failed(
-                    f"The loss became {loss_value} at step {done}; no style was saved. "
-                    "Lower the learning rate or use fp32 precision."
-                )
-                return
-            rate = done / (time.perf_counter() - started)
+            done = step + 1
+            losses.append(loss_value)
+            rate = (done - first_step) / (time.perf_counter() - started)
             yield Step(done, cfg.steps, loss_value, cfg.learning_rate, rate, (cfg.steps - done) / rate)
+            if tensorboard:
+                accelerator.log({"loss": loss_value, "it_per_s": rate}, step=done)
+            if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps and accelerator.is_main_process:
+                yield Sample(done, render_samples(pipe, sample_prompts, cfg.seed), sample_prompts)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                saved = save_checkpoint(done)
+                if saved:
+                    yield saved
         unet.eval()
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return  # process 0 renders and saves; the others hold the same weights
 
         # 4. Samples from the finished adapter, then the style file.
-        prompts = [cfg.caption_for(None)] * cfg.num_samples
-        samples = render_samples(pipe, prompts, cfg.seed)
+        samples = render_samples(pipe, sample_prompts, cfg.seed)
         if samples:
-            yield Sample(step=done, images=samples, prompts=prompts)
-        info = {
-            "config": cfg.to_json(),
-            "trigger": cfg.trigger_word,
-            "base_model": base.model_id,
-            "family": base.family,
-            "unet_hash": base.unet_hash,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "num_images": str(len(images)),
-            "final_loss": f"{loss_value:.6f}",
-        }
-        tensors, metadata = formats.encode_style(
+            yield Sample(step=done, images=samples, prompts=sample_prompts)
+        path = save_style(
+            library,
+            cfg,
             get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER),
-            cfg.rank,
-            cfg.lora_alpha,
-            list(cfg.target_modules),
-            info,
+            {**style_info, "final_loss": f"{losses[-1]:.6f}" if losses else "nan"},
+            thumbnail=samples[0] if samples else images.images[0],
+            overwrite=overwrite,
         )
-        thumbnail = samples[0] if samples else images.images[0]
-        path = library.save(cfg.style_name, tensors, metadata, thumbnail=thumbnail, overwrite=overwrite)
         yield Finished(style_name=cfg.style_name, path=str(path), steps_done=done)
     finally:
         unet.eval()
         unet.delete_adapters(TRAINING_ADAPTER)
+        if tensorboard:
+            accelerator.end_training()
+
+
+OUT_OF_MEMORY = (
+    "The GPU ran out of memory at step {step}. Lower the batch size, the resolution or the rank, "
+    "or pick the Low memory preset, then resume."
+)
+
+
+def _kept(checkpoints: CheckpointDir | None) -> str:
+    latest = checkpoints.paths()[-1:] if checkpoints else []
+    return f" The last good checkpoint ({latest[0].stem}) is kept: resume from it." if latest else ""
+
+
+def save_style(library: StyleLibrary, cfg: TrainConfig, adapter: dict, info: dict[str, str], thumbnail=None, overwrite=False):
+    """Write a style file (atomically) from a peft UNet LoRA state dict and what is known about the run."""
+    info = {
+        "config": cfg.to_json(),
+        "trigger": cfg.trigger_word,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **info,
+    }
+    tensors, metadata = formats.encode_style(adapter, cfg.rank, cfg.lora_alpha, list(cfg.target_modules), info)
+    return library.save(cfg.style_name, tensors, metadata, thumbnail=thumbnail, overwrite=overwrite)
 
 
 def diffusion_loss(unet, noise_scheduler, latents, text_embeds, noise, timesteps, dtype=torch.float32) -> torch.Tensor:
@@ -186,7 +258,20 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def render_samples(pipe, prompts: list[str], seed: int) -> list:
     """One image per prompt, seeds seed, seed+1, ...: the same every time for the same adapter."""
-    return [
-        pipe(prompt, num_inference_steps=SAMPLE_STEPS, generator=torch.Generator().manual_seed(seed + i)).images[0]
-        for i, prompt in enumerate(prompts)
-    ]
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    try:
+        return [
+            pipe(prompt, num_inference_steps=SAMPLE_STEPS, generator=torch.Generator().manual_seed(seed + i)).images[0]
+            for i, prompt in enumerate(prompts)
+        ]
+    finally:
+        pipe.unet.train(was_training)
+
+
+def keep_checkpoint(state: TrainingState, library: StyleLibrary, style_name: str, thumbnail=None):
+    """Save a checkpoint's adapter as a finished style (a cancelled run the user wants to keep)."""
+    info = dict(state.info)
+    cfg = TrainConfig.from_dict({**json.loads(info.pop("config")), "style_name": style_name})
+    info.update(final_loss=f"{state.losses[-1]:.6f}" if state.losses else "nan", steps_done=str(state.step))
+    return save_style(library, cfg, state.adapter, info, thumbnail=thumbnail)

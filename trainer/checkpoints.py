@@ -1,0 +1,118 @@
+"""Training checkpoints: everything needed to continue a run exactly, one safetensors file each.
+
+    <job folder>/checkpoints/step-000100.safetensors
+
+A checkpoint holds the LoRA weights, AdamW's moments, the sampling generator's state and, in
+its metadata, the step, the loss history and the optimizer's hyper-parameters. Only tensors and
+JSON: nothing is pickled, so loading a checkpoint can never run code (unlike torch.save or
+accelerate's save_state). Each file is written whole or not at all (temporary file, fsync,
+rename), so a kill at any moment leaves the previous checkpoint intact; old ones are pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from styles import formats
+
+NAME = re.compile(r"^step-(\d{6,})\.safetensors$")
+ADAPTER = "adapter."
+MOMENT = "optimizer."
+GENERATOR = "generator_state"
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands after `step` steps."""
+
+    step: int
+    adapter: dict[str, torch.Tensor]  # peft state dict of the UNet's LoRA layers (keys without 'unet.')
+    optimizer: dict  # torch.optim state_dict()
+    generator: torch.Tensor  # torch.Generator.get_state()
+    losses: list[float] = field(default_factory=list)  # one per finished step
+    info: dict[str, str] = field(default_factory=dict)  # what a style file made from it records (config, base model)
+    path: Path | None = None
+
+
+class CheckpointDir:
+    """The checkpoints of one job, newest last.
+
+    >>> checkpoints = CheckpointDir("workspace/jobs/7/checkpoints", keep=3)  # doctest: +SKIP
+    >>> state = checkpoints.load_latest()                                    # doctest: +SKIP
+    """
+
+    def __init__(self, folder: str | Path, keep: int = 3):
+        self.folder = Path(folder)
+        self.keep = max(1, keep)
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest first (temporary files of an interrupted write are ignored)."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := NAME.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def save(self, state: TrainingState) -> Path:
+        """Write the checkpoint atomically, then prune the oldest beyond `keep`."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {ADAPTER + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.adapter.items()}
+        optimizer = state.optimizer
+        for index, moments in optimizer["state"].items():
+            for name, value in moments.items():
+                tensors[f"{MOMENT}{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        tensors[GENERATOR] = state.generator.clone()
+        metadata = {
+            "step": str(state.step),
+            "losses": json.dumps(state.losses),
+            "param_groups": json.dumps(optimizer["param_groups"]),
+            "info": json.dumps(state.info),
+        }
+        path = formats.write_atomic(self.folder / f"step-{state.step:06d}.safetensors", tensors, metadata)
+        for old in self.paths()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self) -> tuple[TrainingState | None, list[str]]:
+        """The newest checkpoint that reads back whole, and a note for each newer one that did not."""
+        problems = []
+        for path in reversed(self.paths()):
+            try:
+                return load(path), problems
+            except (ValueError, OSError, KeyError, RuntimeError, SafetensorError) as err:
+                problems.append(f"{path.name} is unreadable ({err}); using the one before it")
+        return None, problems
+
+    def delete_all(self) -> None:
+        for path in self.paths():
+            path.unlink(missing_ok=True)
+
+
+def load(path: str | Path) -> TrainingState:
+    """Read one checkpoint; raises ValueError (or OSError) when the file is damaged."""
+    path = Path(path)
+    metadata, _ = formats.read_header(path)  # refuses a truncated or foreign file before loading
+    tensors = safetensors.torch.load_file(str(path))
+    adapter = {k[len(ADAPTER):]: v for k, v in tensors.items() if k.startswith(ADAPTER)}
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(MOMENT):
+            index, name = key[len(MOMENT):].split(".", 1)
+            moments.setdefault(int(index), {})[name] = value
+    if not adapter or GENERATOR not in tensors:
+        raise ValueError("it holds no adapter weights")
+    return TrainingState(
+        step=int(metadata["step"]),
+        adapter=adapter,
+        optimizer={"state": moments, "param_groups": json.loads(metadata["param_groups"])},
+        generator=tensors[GENERATOR],
+        losses=json.loads(metadata["losses"]),
+        info=json.loads(metadata.get("info", "{}")),
+        path=path,
+    )
