@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from styles.blend import Blender, save_png
 from styles.library import StyleLibrary
 from trainer.base import load_base
 from trainer.config import make_config
 from trainer.data import ingest
-from trainer.events import Event, Failed, Finished, Sample, Started, Step
 from trainer.examples import EXAMPLES
-from trainer.jobs import TrainingJob
+from trainer.jobs import JobManager, JobRecord, Progress
 
 
 @dataclass
@@ -43,29 +40,19 @@ class Studio:
             folder.mkdir(parents=True, exist_ok=True)
         self.base = load_base(model)
         self.blender = Blender(self.base, self.library)
-        self._train_lock = threading.Lock()  # one training job on this machine at a time
+        self.jobs = JobManager(self.workspace, model).start()  # one training job at a time, in a child process
 
     # -- train ---------------------------------------------------------------------------
-    def train(self, sources: list[str], preset: str, **settings) -> Iterator[Event]:
-        """Validate, ingest, then run training in a child process, yielding its events."""
+    def submit(self, sources: list[str], preset: str, **settings) -> str:
+        """Validate and ingest, then queue a training job; returns its id (jobs run one at a time)."""
         settings = {key: value for key, value in settings.items() if value not in (None, "")}
         cfg = make_config(preset, **settings).validate()
-        # train() checks this too; checking here refuses before any image is read or process started.
+        # The job manager checks this too; checking here refuses before any image is read.
         self.library.ensure_free(cfg.style_name)
         if not sources:
             raise ValueError("No images were uploaded: add image files or a zip of images.")
         images = ingest(sources, cfg.resolution or self.base.resolution)
-        if not self._train_lock.acquire(blocking=False):
-            raise ValueError("Another style is training right now; wait for it to finish.")
-        try:
-            job = TrainingJob(cfg, images, self.model, self.workspace).start()
-            try:
-                yield from job.events()
-            finally:
-                if job.alive:  # the consumer went away (browser closed): stop the child too
-                    job.cancel()
-        finally:
-            self._train_lock.release()
+        return self.jobs.submit(cfg, images)
 
     def example(self, name: str) -> tuple[list[Path], str]:
         """The files of an example style (written once into the workspace) and a free style name for it."""
@@ -118,23 +105,18 @@ class Studio:
         self.library.delete(name)
 
 
-def describe(event: Event) -> str:
-    """One line of Markdown for a training event."""
-    if isinstance(event, Started):
-        skipped = f" Skipped {len(event.skipped)}: " + "; ".join(event.skipped) if event.skipped else ""
-        return f"Preparing {event.num_images} images for {event.total_steps} steps.{skipped}"
-    if isinstance(event, Step):
+def describe(record: JobRecord, progress: Progress, position: int = 0) -> str:
+    """One line of Markdown for a job's state."""
+    head = f"Job {record.id} · **{record.style_name}** · {record.state}"
+    if record.state == "queued":
+        return f"{head} (position {position} in the queue). {record.message}"
+    if record.state == "running" and record.step:
         return (
-            f"Step {event.step} of {event.total_steps} · loss {event.loss:.4f} · "
-            f"{event.it_per_s:.1f} it/s · {_duration(event.eta_s)} left"
+            f"{head} · step {record.step} of {record.total_steps} · loss {progress.losses[-1] if progress.losses else float('nan'):.4f} · "
+            f"{progress.it_per_s:.1f} it/s · {_duration(progress.eta_s)} left"
         )
-    if isinstance(event, Sample):
-        return f"Rendering samples after step {event.step}…"
-    if isinstance(event, Finished):
-        return f"**Done.** Style **{event.style_name}** is ready after {event.steps_done} steps."
-    if isinstance(event, Failed):
-        return f"**Failed.** {event.message}"
-    return str(event)
+    skipped = f" Skipped {len(record.skipped)}: " + "; ".join(record.skipped) if record.skipped else ""
+    return f"{head}. {record.message}{skipped}"
 
 
 def _duration(seconds: float) -> str:

@@ -17,13 +17,13 @@ import pandas as pd
 from app.studio import Studio, describe
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from trainer.config import DEFAULT_CAPTION_TEMPLATE, DEFAULT_PRESET, PRESETS, config_fields
-from trainer.events import Failed, Finished, Sample, Step
 from trainer.examples import EXAMPLES
 
 TOP_FIELDS = ("style_name", "trigger", "caption_template")  # shown above the Advanced accordion
 ADVANCED_FIELDS = [f for f in config_fields() if f.name not in TOP_FIELDS]
 PROGRESS_EVERY_S = 0.5  # throttle UI updates from a fast training loop
-REFRESH_EVERY_S = 3.0  # styles trained or deleted elsewhere appear in every open page
+REFRESH_EVERY_S = 3.0
+JOBS_EVERY_S = 2.0  # the queue table and the job picker follow jobs started elsewhere  # styles trained or deleted elsewhere appear in every open page
 CSS = ".pixelated img { image-rendering: pixelated; }"  # tiny images scaled up stay crisp
 
 
@@ -99,49 +99,112 @@ def with_advanced_parameters(fn):
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
-    def stream_training(paths, preset, **settings):
-        """Run a training job; yield (status, loss table, samples), throttled; raise ValueError if it fails."""
-        events = studio.train(paths, preset or DEFAULT_PRESET, **settings)
-        losses, samples, last_yield, status = [], [], 0.0, ""
-        for event in events:
-            status = describe(event)
-            if isinstance(event, Step):
-                losses.append((event.step, event.loss))
-                if time.monotonic() - last_yield < PROGRESS_EVERY_S and event.step != event.total_steps:
-                    continue
-            if isinstance(event, Sample):
-                samples = [(image, prompt) for image, prompt in zip(event.images, event.prompts)]
-            last_yield = time.monotonic()
-            yield status, pd.DataFrame(losses, columns=["step", "loss"]), samples
-            if isinstance(event, Failed):
-                raise ValueError(event.message)
-        if not isinstance(event, Finished):
-            raise ValueError(status)
+    def job_view(job_id):
+        """(status, loss table, samples) of one job, as the Train tab shows it."""
+        record, progress = studio.jobs.get(job_id), studio.jobs.progress(job_id)
+        status = describe(record, progress, studio.jobs.position(job_id))
+        losses = pd.DataFrame({"step": range(1, len(progress.losses) + 1), "loss": progress.losses})
+        return status, losses, list(progress.samples)
 
-    @with_advanced_parameters
     @user_errors
-    def train_style(files, style_name, trigger=None, caption_template=None, preset=None, **advanced):
-        """Train a style from uploaded images (files, a zip, .txt captions); streams progress.
+    def follow_job(job_id):
+        """Stream a job's status, loss chart and samples until it is no longer queued or running."""
+        if not job_id:
+            return
+        last_yield = 0.0
+        for record in studio.jobs.follow(job_id):
+            if record.state == "running" and time.monotonic() - last_yield < PROGRESS_EVERY_S:
+                continue
+            last_yield = time.monotonic()
+            yield job_view(job_id)
+        yield job_view(job_id)
 
-        Every TrainConfig field is an optional keyword (rank, steps, learning_rate, ...): empty uses the preset.
-        """
-        yield from stream_training(
-            [getattr(f, "name", f) for f in (files or [])],
-            preset,
+    def follow_until_done(job_id):
+        """follow_job, then raise the job's message if it did not finish (API clients see the error)."""
+        yield from follow_job(job_id)
+        record = studio.jobs.get(job_id)
+        if record.state != "finished":
+            raise gr.Error(f"Job {job_id} {record.state}: {record.message}", print_exception=False)
+
+    def _settings(style_name, trigger, caption_template, advanced):
+        return dict(
             style_name=(style_name or "").strip(),
             trigger=(trigger or "").strip(),
             caption_template=caption_template or DEFAULT_CAPTION_TEMPLATE,
             **parse_advanced(advanced),
         )
 
+    @with_advanced_parameters
+    @user_errors
+    def submit_training(files, style_name, trigger=None, caption_template=None, preset=None, **advanced):
+        """Queue a training job from uploaded images (files, a zip, .txt captions); returns its job id.
+
+        Every TrainConfig field is an optional keyword (rank, steps, learning_rate, ...): empty uses the preset.
+        """
+        paths = [getattr(f, "name", f) for f in (files or [])]
+        job_id = studio.submit(paths, preset or DEFAULT_PRESET, **_settings(style_name, trigger, caption_template, advanced))
+        return job_id, f"Queued job {job_id} (position {studio.jobs.position(job_id)})."
+
+    @with_advanced_parameters
+    @user_errors
+    def train_style(files, style_name, trigger=None, caption_template=None, preset=None, **advanced):
+        """Queue a training job and stream its progress (status, loss table, samples) until it ends."""
+        job_id, _ = submit_training(files, style_name, trigger, caption_template, preset, **advanced)
+        yield from follow_until_done(job_id)
+
+    @user_errors
+    def submit_example(example, preset=None):
+        """Queue one of the bundled example styles (no uploads needed); returns (files, style name, job id, message)."""
+        paths, name = studio.example(example)
+        job_id = studio.submit([str(path) for path in paths], preset or DEFAULT_PRESET, style_name=name)
+        return [str(path) for path in paths], name, job_id, f"Queued the example style **{name}** as job {job_id}."
+
     @user_errors
     def train_example(example, preset=None):
-        """Train one of the bundled example styles (no uploads needed); streams progress like train_style."""
-        paths, name = studio.example(example)
-        files_value = [str(path) for path in paths]
-        yield files_value, name, f"Training the example style **{name}**…", None, []
-        for update in stream_training(files_value, preset, style_name=name):
+        """Train an example style and stream its progress until it ends: (files, style name, status, losses, samples)."""
+        files_value, name, job_id, _ = submit_example(example, preset)
+        for update in follow_until_done(job_id):
             yield files_value, name, *update
+
+    def jobs_table():
+        rows = [
+            [r.id, r.style_name, r.state, studio.jobs.position(r.id) or "", f"{r.step}/{r.total_steps}",
+             r.checkpoint_step or "", r.message]
+            for r in studio.jobs.jobs()
+        ]
+        return pd.DataFrame(rows, columns=JOB_COLUMNS)
+
+    def list_jobs() -> list[dict]:
+        """Every training job, newest first: id, style, state, queue position, step, last checkpoint, message."""
+        return jobs_table().to_dict(orient="records")
+
+    def refresh_jobs(picked, known_ids):
+        ids = [r.id for r in studio.jobs.jobs()]
+        picker_update = gr.skip() if known_ids == ids else gr.update(choices=ids, value=picked or (ids[0] if ids else None))
+        return jobs_table(), picker_update, ids
+
+    @user_errors
+    def cancel_job(job_id):
+        """Cancel a queued job, or stop a running one (it keeps a checkpoint to resume or keep)."""
+        return studio.jobs.cancel(job_id)
+
+    @user_errors
+    def resume_job(job_id):
+        """Queue a stopped job again; it continues from its newest checkpoint."""
+        studio.jobs.resume(job_id)
+        return f"Job {job_id} is queued to resume."
+
+    @user_errors
+    def keep_job(job_id, style_name=None):
+        """Save a stopped job's newest checkpoint as a style (optionally under another name)."""
+        name = studio.jobs.keep(job_id, (style_name or "").strip() or None)
+        return f"Saved the checkpoint of job {job_id} as style **{name}**."
+
+    @user_errors
+    def discard_job(job_id):
+        """Delete a stopped job's checkpoints and images."""
+        studio.jobs.discard(job_id)
+        return f"Discarded the checkpoints of job {job_id}."
 
     def example_preview(example):
         return [(image, caption) for image, caption in EXAMPLES[example].images(8)] if example in EXAMPLES else []
@@ -223,9 +286,23 @@ def build_ui(studio: Studio) -> gr.Blocks:
             with gr.Accordion("Advanced", open=False):
                 advanced = [advanced_control(f) for f in ADVANCED_FIELDS]
             train_button = gr.Button("Train", variant="primary")
+            api_train = gr.Button(visible=False)  # API-only endpoints: submit, then stream until the job ends
+            api_example = gr.Button(visible=False)
+            gr.Markdown("### Jobs\nOne job trains at a time; the others wait in the queue. Pick a job to follow it.")
+            with gr.Row():
+                job_picker = gr.Dropdown(label="Job", choices=[], allow_custom_value=True, scale=1)
+                keep_name = gr.Textbox(label="Keep as style (empty: the job's name)", scale=2)
+            with gr.Row():
+                cancel_button = gr.Button("Cancel", variant="stop")
+                resume_button = gr.Button("Resume")
+                keep_button = gr.Button("Keep checkpoint as style")
+                discard_button = gr.Button("Discard checkpoint")
+            job_message = gr.Markdown()
             status = gr.Markdown(label="Status")
             loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", label="Loss", height=220)
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_classes="pixelated")
+            jobs = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, label="Queue and history")
+            known_job_ids = gr.State(None)
 
         with gr.Tab("Generate"):
             prompt = gr.Textbox(label="Prompt", value="a red circle")
@@ -271,17 +348,30 @@ def build_ui(studio: Studio) -> gr.Blocks:
         demo.load(**refresh_args)
         gr.Timer(REFRESH_EVERY_S).tick(**refresh_args)
 
-        train_button.click(
-            train_style,
-            [files, style_name, trigger, caption_template, preset],
-            [status, loss_plot, samples],
-            inputs_kwargs=dict(zip([f.name for f in ADVANCED_FIELDS], advanced)),
-            api_name="train_style",
-        ).then(**refresh_args)
+        advanced_kwargs = dict(zip([f.name for f in ADVANCED_FIELDS], advanced))
+        train_inputs = [files, style_name, trigger, caption_template, preset]
+        train_button.click(submit_training, train_inputs, [job_picker, job_message], inputs_kwargs=advanced_kwargs,
+                           api_name="submit_training")
+        api_train.click(train_style, train_inputs, [status, loss_plot, samples], inputs_kwargs=advanced_kwargs,
+                        api_name="train_style", concurrency_limit=None).then(**refresh_args)
         example.change(example_preview, [example], [example_images], api_visibility="private", show_progress="hidden")
-        example_button.click(
-            train_example, [example, preset], [files, style_name, status, loss_plot, samples], api_name="train_example"
-        ).then(**refresh_args)
+        example_button.click(submit_example, [example, preset], [files, style_name, job_picker, job_message],
+                             api_name="submit_example")
+        api_example.click(train_example, [example, preset], [files, style_name, status, loss_plot, samples],
+                          api_name="train_example", concurrency_limit=None).then(**refresh_args)
+        # Picking a job (or submitting one, which picks it) follows it until it ends, from any page, after any reload.
+        job_picker.change(follow_job, [job_picker], [status, loss_plot, samples], api_name="follow_job",
+                          show_progress="hidden", concurrency_limit=None).then(**refresh_args)
+        jobs_args = dict(fn=refresh_jobs, inputs=[job_picker, known_job_ids], outputs=[jobs, job_picker, known_job_ids],
+                         api_visibility="private", show_progress="hidden")
+        demo.load(**jobs_args)
+        gr.Timer(JOBS_EVERY_S).tick(**jobs_args)
+        gr.api(list_jobs, api_name="list_jobs")
+        cancel_button.click(cancel_job, [job_picker], [job_message], api_name="cancel_job")
+        resume_button.click(resume_job, [job_picker], [job_message], api_name="resume_job").then(
+            follow_job, [job_picker], [status, loss_plot, samples], show_progress="hidden", api_visibility="private")
+        keep_button.click(keep_job, [job_picker, keep_name], [job_message], api_name="keep_job").then(**refresh_args)
+        discard_button.click(discard_job, [job_picker], [job_message], api_name="discard_job")
         generate_button.click(
             generate, [prompt, negative, seed, steps, guidance, width, height, blend], [gallery, info], api_name="generate"
         )
@@ -292,4 +382,5 @@ def build_ui(studio: Studio) -> gr.Blocks:
     return demo
 
 
+JOB_COLUMNS = ["job", "style", "state", "queue", "step", "checkpoint", "message"]
 STYLE_COLUMNS = ["name", "trigger", "base_model", "family", "created", "rank", "alpha", "steps", "learning_rate"]

@@ -92,9 +92,9 @@ def test_upload_train_generate_blend_export_delete(app, uploads, tmp_path):
 
     # Upload files (one style) and a zip with a caption (another), train both.
     status, _, samples = _train(client, "zigzag", [*loose[:2], archive], learning_rate=5e-3)
-    assert "Done" in status and len(samples) == 1
+    assert "finished" in status and len(samples) == 1
     status, _, _ = _train(client, "pastel", loose, seed=3, learning_rate=5e-3)
-    assert "Done" in status
+    assert "finished" in status
     listed = {style["name"]: style for style in client.predict(api_name="/list_styles")}
     assert set(listed) == {"zigzag", "pastel"} and listed["zigzag"]["steps"] == 8 and listed["zigzag"]["rank"] == 8
 
@@ -177,9 +177,42 @@ def test_bad_generation_input_is_refused(app):
 def test_example_style_trains_with_one_call_and_fills_the_form(app):
     client, workspace = app
     files, name, status, _, samples = client.predict(example="ink", preset="Quick", api_name="/train_example")
-    assert name == "ink" and "Done" in status and samples
+    assert name == "ink" and "finished" in status and samples
     assert len(files) == 48 and min(Path(f).name for f in files) == "ink_00.png"
     assert len(list((workspace / "examples" / "ink").iterdir())) == 48
     assert "ink" in [style["name"] for style in client.predict(api_name="/list_styles")]
     with pytest.raises(Exception, match="nope.*not in the list of choices"):
         client.predict(example="nope", api_name="/train_example")
+
+
+def test_queue_cancel_keep_while_generation_keeps_working(app, uploads):
+    """Two jobs queue behind each other; the app generates meanwhile; cancel keeps a checkpoint to keep as a style."""
+    client, workspace = app
+    loose, _ = uploads
+    files = [handle_file(str(f)) for f in loose]
+    long_job, _ = client.predict(files=files, style_name="slow", preset="Quick", steps=100_000, checkpoint_every=5,
+                                 num_samples=0, api_name="/submit_training")
+    queued, message = client.predict(files=files, style_name="waiting", preset="Quick", steps=4, num_samples=0,
+                                     api_name="/submit_training")
+    assert "position" in message
+    deadline = time.monotonic() + 120
+    while True:
+        jobs = {job["job"]: job for job in client.predict(api_name="/list_jobs")}
+        if jobs[long_job]["state"] == "running" and int(jobs[long_job]["step"].split("/")[0]) >= 6:
+            break
+        assert time.monotonic() < deadline, jobs
+        time.sleep(0.5)
+    assert jobs[queued]["state"] == "queued" and jobs[queued]["queue"] == 1
+    started = time.monotonic()
+    gallery, _ = client.predict(prompt="a red circle", steps=4, api_name="/generate")  # not blocked by training
+    assert gallery and time.monotonic() - started < 60
+    client.predict(job_id=long_job, api_name="/cancel_job")
+    status, _, _ = client.predict(job_id=long_job, api_name="/follow_job")  # returns when the job has stopped
+    assert "cancelled" in status and "can be kept" in status
+    assert "slow-kept" in client.predict(job_id=long_job, style_name="slow-kept", api_name="/keep_job")
+    status, _, _ = client.predict(job_id=queued, api_name="/follow_job")
+    assert "finished" in status
+    names = [style["name"] for style in client.predict(api_name="/list_styles")]
+    assert "slow-kept" in names and "waiting" in names and "slow" not in names
+    with pytest.raises(Exception, match="only queued or running jobs can be cancelled"):
+        client.predict(job_id=queued, api_name="/cancel_job")

@@ -1,43 +1,143 @@
-"""Training in a real child process: events arrive, cancel stops it, a crash becomes a Failed event."""
+"""The job queue with real child processes: queueing, cancel/keep/discard, kill -9 and resume."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from styles.library import StyleLibrary
 from tests.conftest import pattern_image
 from trainer.config import make_config
-from trainer.data import ImageSet
-from trainer.events import Failed, Finished, Started, Step
-from trainer.jobs import TrainingJob
+from trainer.data import ImageSet, ingest
+from trainer.events import Finished
+from trainer.jobs import JobManager
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 240
 
 
-def _images():
-    return ImageSet(images=[pattern_image(i) for i in range(2)], captions=[None, None], names=["a", "b"])
+def _images(n=2):
+    return ImageSet(images=[pattern_image(i) for i in range(n)], captions=["a red circle", None][:n], names=["a", "b"][:n])
 
 
-def test_job_streams_events_and_saves_the_style(library):
-    cfg = make_config("Quick", style_name="child", steps=4, num_samples=0)
-    events = list(TrainingJob(cfg, _images(), None, library.root.parent).start().events())
-    assert isinstance(events[0], Started) and [e.step for e in events if isinstance(e, Step)] == [1, 2, 3, 4]
-    assert isinstance(events[-1], Finished) and library.exists("child")
+def _wait_for(condition, timeout_s=TIMEOUT_S, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
-def test_cancel_stops_the_child_within_seconds(library):
-    cfg = make_config("Quick", style_name="long", steps=100_000, num_samples=0)
-    job = TrainingJob(cfg, _images(), None, library.root.parent).start()
-    events = job.events()
-    for event in events:
-        if isinstance(event, Step):
-            break
+def test_two_queued_jobs_run_one_after_the_other(tmp_path):
+    jobs = JobManager(tmp_path).start()
+    first = jobs.submit(make_config("Quick", style_name="first", steps=6, num_samples=0), _images())
+    second = jobs.submit(make_config("Quick", style_name="second", steps=6, num_samples=0), _images())
+    assert jobs.position(second) in (1, 2)  # behind the first (which may not have left the queue yet)
+    assert jobs.wait_idle(TIMEOUT_S)
+    a, b = jobs.get(first), jobs.get(second)
+    assert (a.state, b.state) == ("finished", "finished"), (a.message, b.message)
+    assert a.ended <= b.started  # never two at once
+    assert StyleLibrary(tmp_path).names() == ["first", "second"]
+    assert len(jobs.progress(first).losses) == 6
+    # The same name cannot be queued twice, nor one that is already a style.
+    try:
+        jobs.submit(make_config("Quick", style_name="first", steps=2), _images())
+    except FileExistsError as err:
+        assert "already exists" in str(err)
+    else:
+        raise AssertionError("a second job for an existing style was accepted")
+
+
+def test_cancel_then_keep_or_discard_the_checkpoint(tmp_path):
+    jobs = JobManager(tmp_path).start()
+    cfg = dict(steps=100_000, num_samples=0, checkpoint_every=5)
+    kept = jobs.submit(make_config("Quick", style_name="kept", **cfg), _images())
+    _wait_for(lambda: jobs.get(kept).step >= 7, what="step 7")
     started = time.monotonic()
-    job.cancel()
-    rest = list(events)
+    jobs.cancel(kept)
+    _wait_for(lambda: jobs.get(kept).state == "cancelled", what="cancelled")
     assert time.monotonic() - started < 10
-    assert isinstance(rest[-1], Failed) and "cancelled" in rest[-1].message
-    assert not job.alive and not library.exists("long")
+    assert "can be kept" in jobs.get(kept).message and not StyleLibrary(tmp_path).exists("kept")
+    assert jobs.keep(kept, "kept-as") == "kept-as"
+    assert StyleLibrary(tmp_path).get("kept-as").config["style_name"] == "kept-as"
+
+    dropped = jobs.submit(make_config("Quick", style_name="dropped", **cfg), _images())
+    _wait_for(lambda: jobs.get(dropped).checkpoint_step >= 5, what="a checkpoint")
+    jobs.cancel(dropped)
+    _wait_for(lambda: jobs.get(dropped).state == "cancelled", what="cancelled")
+    jobs.discard(dropped)
+    assert jobs.get(dropped).state == "discarded" and not (tmp_path / "jobs" / dropped / "checkpoints").exists()
+    assert not StyleLibrary(tmp_path).exists("dropped")
 
 
-def test_a_failing_child_reports_why(library):
-    cfg = make_config("Quick", style_name="nomodel", steps=2)
-    events = list(TrainingJob(cfg, _images(), "/no/such/model", library.root.parent).start().events())
-    assert isinstance(events[-1], Failed) and "/no/such/model" in events[-1].message
+def test_killed_child_is_interrupted_and_resumes(tmp_path):
+    jobs = JobManager(tmp_path).start()
+    job = jobs.submit(make_config("Quick", style_name="phoenix", steps=40, num_samples=0, checkpoint_every=5), _images())
+    _wait_for(lambda: jobs.get(job).checkpoint_step >= 10, what="a checkpoint at step 10")
+    os.kill(jobs.get(job).pid, signal.SIGKILL)
+    _wait_for(lambda: jobs.get(job).state == "interrupted", what="interrupted")
+    assert "Resume continues from step" in jobs.get(job).message
+    jobs.resume(job)
+    assert jobs.wait_idle(TIMEOUT_S) and jobs.get(job).state == "finished", jobs.get(job).message
+    assert StyleLibrary(tmp_path).exists("phoenix")
+
+
+APP_LIKE = textwrap.dedent(
+    """
+    import sys, time
+    from tests.conftest import pattern_image
+    from trainer.config import make_config
+    from trainer.data import ImageSet
+    from trainer.jobs import JobManager
+
+    jobs = JobManager(sys.argv[1]).start()
+    images = ImageSet(images=[pattern_image(i) for i in range(2)], captions=["a red circle", None], names=["a", "b"])
+    jobs.submit(make_config("Quick", style_name="survivor", steps=60, num_samples=0, checkpoint_every=5), images)
+    time.sleep(600)
+    """
+)
+
+
+def test_kill_9_of_the_app_then_resume_gives_the_uninterrupted_adapter(tmp_path):
+    """The whole app process dies mid-run; a new one lists the job as interrupted; resume ends where a straight run ends."""
+    app = subprocess.Popen([sys.executable, "-c", APP_LIKE, str(tmp_path)], cwd=ROOT)
+    checkpoints = tmp_path / "jobs" / "0001" / "checkpoints"
+    try:
+        _wait_for(lambda: any(p.name >= "step-000015" for p in checkpoints.glob("step-*.safetensors")), what="step 15")
+    finally:
+        app.kill()  # SIGKILL: no cleanup runs in the app
+        app.wait()
+    # The orphaned child notices within a second, saves a checkpoint and exits; wait until the files settle.
+    time.sleep(5)
+
+    jobs = JobManager(tmp_path).start()  # "starting the app again"
+    record = jobs.get("0001")
+    assert record.state == "interrupted" and "The app stopped while this job was running" in record.message
+    jobs.resume("0001")
+    assert jobs.wait_idle(TIMEOUT_S) and jobs.get("0001").state == "finished", jobs.get("0001").message
+
+    # The same run without interruption, in this process, on the images the job kept.
+    from trainer.base import load_base
+    from trainer.train import train
+
+    base = load_base()
+    images = ingest(tmp_path / "jobs" / "0001" / "images", base.resolution)
+    cfg = make_config("Quick", style_name="survivor", steps=60, num_samples=0, checkpoint_every=5)
+    straight = list(train(cfg, images, base, StyleLibrary(tmp_path / "straight")))[-1]
+    assert isinstance(straight, Finished)
+    expected, got = load_file(straight.path), load_file(StyleLibrary(tmp_path).path_for("survivor"))
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+
+def test_a_failing_child_reports_why(tmp_path):
+    jobs = JobManager(tmp_path, model="/no/such/model").start()
+    job = jobs.submit(make_config("Quick", style_name="nomodel", steps=2), _images())
+    assert jobs.wait_idle(TIMEOUT_S)
+    assert jobs.get(job).state == "failed" and "/no/such/model" in jobs.get(job).message
