@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from styles.library import StyleLibrary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +44,45 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path):
     assert result.returncode == 2 and "junk.png: not an image" in result.stderr
     result = _run("--set", "style_name=../x", "--images", junk)
     assert result.returncode == 2 and "not allowed" in result.stderr
+
+
+def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path, image_folder):
+    args = ["--preset", "Quick", "--set", "style_name=later", "--set", "steps=100000", "--set", "checkpoint_every=5",
+            "--set", "num_samples=0", "--images", image_folder, "--workspace", tmp_path / "ws"]
+    run = subprocess.Popen([sys.executable, "-m", "trainer", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "ws" / "runs" / "later" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("step-*.safetensors")):
+        assert time.monotonic() < deadline and run.poll() is None, "no checkpoint appeared"
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 1 and "--resume" in stderr, stderr
+    again = _run(*args)  # without --resume: refused, nothing lost
+    assert again.returncode == 2 and "add --resume" in again.stderr
+    shorter = [a if a != "steps=100000" else "steps=30" for a in args]
+    resumed = _run(*shorter, "--resume")
+    assert resumed.returncode == 0 and "resuming at step" in resumed.stderr, resumed.stderr
+    assert (tmp_path / "ws" / "styles" / "later.safetensors").is_file()
+
+
+def test_accelerate_launch_trains_one_style_over_two_processes(tmp_path, image_folder):
+    """Data parallel on two CPU processes (gloo): one style is saved, and it differs from a one-process run."""
+    common = ["--preset", "Quick", "--set", "steps=6", "--set", "num_samples=0", "--set", "learning_rate=1e-3",
+              "--images", str(image_folder)]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer"]
+    result = subprocess.run([*launch, *common, "--set", "style_name=dp", "--workspace", str(tmp_path / "dp")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved dp") == 1
+    library = StyleLibrary(tmp_path / "dp")
+    assert library.names() == ["dp"] and library.get("dp").config["steps"] == 6
+    from styles import formats
+
+    metadata, _ = formats.read_header(library.path_for("dp"))
+    assert formats.style_info(metadata)["processes"] == "2"
+    single = _run(*common, "--set", "style_name=one", "--workspace", tmp_path / "one")
+    assert single.returncode == 0, single.stderr
+    two, one = load_file(library.path_for("dp")), load_file(StyleLibrary(tmp_path / "one").path_for("one"))
+    assert not all(torch.allclose(two[k], one[k]) for k in one)  # the second process's batches counted

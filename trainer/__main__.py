@@ -1,5 +1,9 @@
 """python -m trainer --config style.toml --images DIR: train a style without the UI.
 
+Checkpoints go to <workspace>/runs/<style>/checkpoints every `checkpoint_every` steps; Ctrl-C stops
+at the next step with a checkpoint, and the same command with --resume continues from it.
+`accelerate launch [--multi_gpu] --num_processes N -m trainer ...` spreads the run over N processes.
+
 Exit codes: 0 the style was saved; 1 training failed or was interrupted; 2 bad input (config, images, model).
 """
 
@@ -7,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_WORKSPACE = Path(__file__).resolve().parent.parent / "workspace"
@@ -22,6 +28,7 @@ def main(argv=None) -> int:
                         help="override one field, e.g. --set steps=100 (value parsed as JSON when it can be)")
     parser.add_argument("--model", default=None, help="base model (default: the embedded tiny model)")
     parser.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
+    parser.add_argument("--resume", action="store_true", help="continue this style's interrupted run from its newest checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     args = parser.parse_args(argv)
 
@@ -46,42 +53,58 @@ def main(argv=None) -> int:
 
         from styles.library import StyleLibrary
         from trainer.base import load_base
+        from trainer.checkpoints import CheckpointDir
         from trainer.data import ingest
 
+        library = StyleLibrary(args.workspace)
+        library.ensure_free(cfg.style_name)
+        run_dir = Path(args.workspace) / "runs" / cfg.style_name
+        checkpoints = CheckpointDir(run_dir / "checkpoints", cfg.keep_checkpoints)
+        if checkpoints.paths() and not args.resume:
+            raise ValueError(
+                f"An earlier run of {cfg.style_name!r} left checkpoints in {checkpoints.folder}: "
+                "add --resume to continue it, or delete that folder to start over."
+            )
         base = load_base(args.model, cfg.precision)
         images = ingest(args.images, cfg.resolution or base.resolution)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    from accelerate import PartialState
     from tqdm import tqdm
 
-    from trainer.events import Failed, Finished, Started, Step
+    from trainer.events import Cancelled, Failed, Finished, Started, Step
     from trainer.train import train
 
-    bar = None
-    try:
-        for event in train(cfg, images, base, StyleLibrary(args.workspace)):
-            if isinstance(event, Started):
-                for line in event.skipped:
-                    print(f"skipped {line}", file=sys.stderr)
-                bar = tqdm(total=event.total_steps, unit="step")
-            elif isinstance(event, Step):
-                bar.update(1)
-                bar.set_postfix(loss=f"{event.loss:.4f}")
-            elif isinstance(event, Finished):
-                bar.close()
-                print(f"saved {event.style_name}: {event.path}")
-                return 0
-            elif isinstance(event, Failed):
-                if bar:
-                    bar.close()
-                print(f"error: {event.message}", file=sys.stderr)
-                return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no style was saved", file=sys.stderr)
+    main_process = PartialState(cpu=base.device.type == "cpu").is_main_process  # under accelerate launch, one reports
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C: stop at the next step, with a checkpoint
+    bar, last = None, None
+    for last in train(cfg, images, base, library, stop, checkpoints=checkpoints, resume=args.resume, log_dir=run_dir / "logs"):
+        if not main_process:
+            continue
+        if isinstance(last, Started):
+            for line in last.skipped + last.notes:
+                print(f"note: {line}", file=sys.stderr)
+            if last.resumed_from:
+                print(f"resuming at step {last.resumed_from}", file=sys.stderr)
+            bar = tqdm(total=last.total_steps, initial=last.resumed_from, unit="step")
+        elif isinstance(last, Step):
+            bar.update(1)
+            bar.set_postfix(loss=f"{last.loss:.4f}")
+        elif isinstance(last, (Finished, Failed, Cancelled)) and bar:
+            bar.close()
+    if isinstance(last, Finished):
+        print(f"saved {last.style_name}: {last.path}")
+        return 0
+    if isinstance(last, Cancelled):
+        print(f"error: interrupted at step {last.step}; run the same command with --resume to continue", file=sys.stderr)
         return 1
-    return 1
+    if isinstance(last, Failed):
+        print(f"error: {last.message}", file=sys.stderr)
+        return 1
+    return 0 if not main_process else 1  # the other processes of a distributed run end without an event
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def train(
             optimizer.load_state_dict(state.optimizer)
             generator.set_state(state.generator)
         model, optimizer = accelerator.prepare(unet, optimizer)  # DDP wrapper under accelerate launch
-        style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash, "num_images": str(len(images))}
+        style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash, "num_images": str(len(images)),
+                      "processes": str(accelerator.num_processes)}
 
         def save_checkpoint(done: int) -> Checkpoint | None:
             if not checkpoints or not accelerator.is_main_process:
