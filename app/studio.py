@@ -14,7 +14,8 @@ from pathlib import Path
 from styles.blend import Blender, save_png
 from styles.library import StyleLibrary
 from trainer.base import load_base
-from trainer.config import make_config
+from styles.library import check_style_name
+from trainer.config import DEFAULT_PRESET, make_config, read_settings, write_settings
 from trainer.data import ingest
 from trainer.examples import EXAMPLES
 from trainer.jobs import JobManager, JobRecord, Progress
@@ -36,6 +37,7 @@ class Studio:
         self.library = StyleLibrary(self.workspace)
         self.outputs = self.workspace / "outputs"
         self.exports = self.workspace / "exports"
+        self.presets = self.workspace / "presets"
         for folder in (self.outputs, self.exports):
             folder.mkdir(parents=True, exist_ok=True)
         self.base = load_base(model)
@@ -53,6 +55,32 @@ class Studio:
             raise ValueError("No images were uploaded: add image files or a zip of images.")
         images = ingest(sources, cfg.resolution or self.base.resolution)
         return self.jobs.submit(cfg, images)
+
+    # -- saved presets (TOML, the same files `python -m trainer --config` reads) ---------------
+    def save_preset(self, name: str, preset: str, **settings) -> Path:
+        """Save a preset plus the settings given (empty ones are left to the preset) as presets/<name>.toml."""
+        check_style_name(name)  # the same safe-name rule as styles: it becomes a file name
+        settings = {key: value for key, value in settings.items() if value not in (None, "", [])}
+        make_config(preset, **settings)  # refuse unknown fields now, not when the preset is loaded
+        self.presets.mkdir(exist_ok=True)
+        target = self.presets / f"{name}.toml"
+        staging = target.with_name(f".{name}-{time.monotonic_ns()}.toml")
+        write_settings(staging, {"preset": preset, **settings})
+        staging.replace(target)  # whole or not at all
+        return target
+
+    def load_preset(self, name: str) -> tuple[str, dict]:
+        """(built-in preset, settings) of a saved preset."""
+        path = self.presets / f"{check_style_name(name)}.toml"
+        if not path.is_file():
+            raise ValueError(f"No saved preset named {name!r}. Saved: {', '.join(self.preset_names()) or 'none yet'}.")
+        values = read_settings(path)
+        preset = values.pop("preset", DEFAULT_PRESET)
+        make_config(preset, **values)  # a hand-edited file with a typo gets a message naming the field
+        return preset, values
+
+    def preset_names(self) -> list[str]:
+        return sorted(p.stem for p in self.presets.glob("*.toml") if not p.name.startswith("."))
 
     def example(self, name: str) -> tuple[list[Path], str]:
         """The files of an example style (written once into the workspace) and a free style name for it."""

@@ -166,6 +166,21 @@ def build_ui(studio: Studio) -> gr.Blocks:
         for update in follow_until_done(job_id):
             yield files_value, name, *update
 
+    @with_advanced_parameters
+    @user_errors
+    def save_preset(preset_name, preset=None, **advanced):
+        """Save the preset and the advanced settings that are filled in as workspace/presets/<name>.toml."""
+        path = studio.save_preset((preset_name or "").strip(), preset or DEFAULT_PRESET, **parse_advanced(advanced))
+        return f"Saved preset **{path.stem}** ({path.name}; `python -m trainer --config` reads it too).", gr.update(
+            choices=studio.preset_names(), value=path.stem)
+
+    @user_errors
+    def load_preset(preset_name):
+        """The saved preset's built-in preset and advanced settings, to fill the form."""
+        preset, values = studio.load_preset(preset_name)
+        shown = [", ".join(v) if isinstance(v := values.get(f.name), list) else v for f in ADVANCED_FIELDS]
+        return preset, *shown
+
     def jobs_table():
         rows = [
             [r.id, r.style_name, r.state, studio.jobs.position(r.id) or "", f"{r.step}/{r.total_steps}",
@@ -285,6 +300,13 @@ def build_ui(studio: Studio) -> gr.Blocks:
             preset = gr.Radio(list(PRESETS), value=DEFAULT_PRESET, label="Preset")
             with gr.Accordion("Advanced", open=False):
                 advanced = [advanced_control(f) for f in ADVANCED_FIELDS]
+                with gr.Row():
+                    preset_name = gr.Textbox(label="Save these settings as", placeholder="my-preset", scale=2)
+                    save_preset_button = gr.Button("Save preset", scale=1)
+                    saved_presets = gr.Dropdown(label="Saved presets", choices=studio.preset_names(), value=None,
+                                                allow_custom_value=True, scale=2)
+                    load_preset_button = gr.Button("Load preset", scale=1)
+                preset_message = gr.Markdown()
             train_button = gr.Button("Train", variant="primary")
             api_train = gr.Button(visible=False)  # API-only endpoints: submit, then stream until the job ends
             api_example = gr.Button(visible=False)
@@ -354,6 +376,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                            api_name="submit_training")
         api_train.click(train_style, train_inputs, [status, loss_plot, samples], inputs_kwargs=advanced_kwargs,
                         api_name="train_style", concurrency_limit=None).then(**refresh_args)
+        save_preset_button.click(save_preset, [preset_name, preset], [preset_message, saved_presets],
+                                 inputs_kwargs=advanced_kwargs, api_name="save_preset")
+        load_preset_button.click(load_preset, [saved_presets], [preset, *advanced], api_name="load_preset")
         example.change(example_preview, [example], [example_images], api_visibility="private", show_progress="hidden")
         example_button.click(submit_example, [example, preset], [files, style_name, job_picker, job_message],
                              api_name="submit_example")

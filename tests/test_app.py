@@ -216,3 +216,20 @@ def test_queue_cancel_keep_while_generation_keeps_working(app, uploads):
     assert "slow-kept" in names and "waiting" in names and "slow" not in names
     with pytest.raises(Exception, match="only queued or running jobs can be cancelled"):
         client.predict(job_id=queued, api_name="/cancel_job")
+
+
+def test_presets_save_as_toml_and_load_back(app):
+    client, workspace = app
+    message, _ = client.predict(preset_name="crisp", preset="Best", rank=4, learning_rate=2e-4,
+                                target_modules="to_q, to_v", api_name="/save_preset")
+    assert "crisp" in message
+    from trainer.config import make_config, read_settings
+
+    values = read_settings(workspace / "presets" / "crisp.toml")  # the file the CLI's --config reads
+    assert make_config(values.pop("preset"), **values).target_modules == ["to_q", "to_v"]
+    loaded = client.predict(preset_name="crisp", api_name="/load_preset")
+    assert loaded[0] == "Best" and 4 in loaded and 2e-4 in loaded and "to_q, to_v" in loaded
+    with pytest.raises(Exception, match="not allowed"):
+        client.predict(preset_name="../evil", api_name="/save_preset")
+    with pytest.raises(Exception, match="No saved preset named 'nope'"):
+        client.predict(preset_name="nope", api_name="/load_preset")

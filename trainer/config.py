@@ -119,6 +119,25 @@ def read_settings(path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def write_settings(path: str | Path, values: dict[str, Any]) -> Path:
+    """Write field values as flat TOML (what read_settings and `python -m trainer --config` read back).
+
+    Values are str, int, float, bool or lists of str; JSON's string and array syntax is valid TOML.
+    """
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = json.dumps(value, ensure_ascii=False)
+        lines.append(f"{key} = {text}")
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 # Presets trade time for quality. Values are overrides on top of the dataclass defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "Quick": {"steps": 200, "rank": 8, "learning_rate": 3e-4},
