@@ -91,16 +91,24 @@ class Blender:
             raise ValueError(f"Steps must be between 1 and 200, not {steps}.")
         with self._lock:
             active = self.apply(styles)
-            images = self.base.pipe(
-                prompt,
-                negative_prompt=negative_prompt or None,
-                num_inference_steps=int(steps),
-                guidance_scale=float(guidance),
-                width=width,
-                height=height,
-                num_images_per_prompt=int(num_images),
-                generator=torch.Generator().manual_seed(int(seed)),
-            ).images
+            try:
+                images = self.base.pipe(
+                    prompt,
+                    negative_prompt=negative_prompt or None,
+                    num_inference_steps=int(steps),
+                    guidance_scale=float(guidance),
+                    width=width,
+                    height=height,
+                    num_images_per_prompt=int(num_images),
+                    generator=torch.Generator().manual_seed(int(seed)),
+                ).images
+            except torch.OutOfMemoryError:
+                # The GPU is shared with a training job (a separate process): say so, free what we hold, keep serving.
+                torch.cuda.empty_cache()
+                raise ValueError(
+                    "The GPU ran out of memory for this image, most likely because a style is training on it. "
+                    "Wait for the job to finish, or generate fewer or smaller images."
+                ) from None
         recipe = {
             "prompt": prompt,
             "negative_prompt": negative_prompt,
