@@ -89,9 +89,15 @@ class CheckpointDir:
                 problems.append(f"{path.name} is unreadable ({err}); using the one before it")
         return None, problems
 
-    def delete_all(self) -> None:
-        for path in self.paths():
-            path.unlink(missing_ok=True)
+    def latest_progress(self) -> tuple[int, list[float]] | None:
+        """(step, losses) of the newest checkpoint whose header reads, without loading its tensors."""
+        for path in reversed(self.paths()):
+            try:
+                metadata, _ = formats.read_header(path)
+                return int(metadata["step"]), json.loads(metadata["losses"])
+            except (ValueError, OSError, KeyError):
+                continue
+        return None
 
 
 def load(path: str | Path) -> TrainingState:

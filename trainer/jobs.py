@@ -122,13 +122,6 @@ class TrainingJob:
         """Ask the loop to stop between steps (it saves a checkpoint first); events() enforces the grace time."""
         self._stop.set()
 
-    def kill(self) -> None:
-        self._process.kill()
-
-    @property
-    def alive(self) -> bool:
-        return self._process.is_alive()
-
     @property
     def exitcode(self) -> int | None:
         return self._process.exitcode
@@ -206,12 +199,12 @@ class JobManager:
             progress = Progress()
             from trainer.checkpoints import CheckpointDir  # torch: only when there is a job to recover
 
-            state, _ = CheckpointDir(self._dir(record.id) / "checkpoints").load_latest()
-            if state:
-                progress.losses, record.checkpoint_step = state.losses, state.step
+            # The header alone (step, losses): start-up never loads weights or optimizer moments.
+            latest = CheckpointDir(self._dir(record.id) / "checkpoints").latest_progress()
+            if latest:
+                record.checkpoint_step, progress.losses = latest
             if record.state in ACTIVE:
-                where = f"step {record.checkpoint_step}" if record.checkpoint_step else "the start (no checkpoint yet)"
-                record.message = f"The app stopped while this job was {record.state}. Resume continues from {where}."
+                record.message = f"The app stopped while this job was {record.state}. {_resume_point(record)}"
                 record.state = "interrupted"
                 self._write(record)
             self._records[record.id] = record
@@ -390,9 +383,8 @@ class JobManager:
                 self._lock.notify_all()
         with self._lock:
             if record.state == "running":  # the child died without a word: killed, or crashed hard
-                where = f"step {record.checkpoint_step}" if record.checkpoint_step else "the start (no checkpoint yet)"
                 self._end(record, "interrupted",
-                          f"The training process stopped unexpectedly (exit code {job.exitcode}). Resume continues from {where}.")
+                          f"The training process stopped unexpectedly (exit code {job.exitcode}). {_resume_point(record)}")
 
     # -- helpers --------------------------------------------------------------------------
     def _dir(self, job_id: str) -> Path:
@@ -421,8 +413,13 @@ class JobManager:
 
         samples = sorted((self._dir(job_id) / "samples").glob("*.png"))
         images = sorted((self._dir(job_id) / "images").glob("*.png"))
-        source = (samples or images or [None])[-1 if samples else 0]
+        source = samples[-1] if samples else images[0] if images else None  # the newest sample, else a training image
         return Image.open(source).convert("RGB") if source else None
+
+
+def _resume_point(record: JobRecord) -> str:
+    where = f"step {record.checkpoint_step}" if record.checkpoint_step else "the start (no checkpoint yet)"
+    return f"Resume continues from {where}."
 
 
 def _write_images(folder: Path, images: ImageSet) -> None:

@@ -188,7 +188,8 @@ def train(
             library,
             cfg,
             get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER),
-            {**style_info, "final_loss": f"{losses[-1]:.6f}" if losses else "nan"},
+            style_info,
+            losses,
             thumbnail=samples[0] if samples else images.images[0],
             overwrite=overwrite,
         )
@@ -211,12 +212,15 @@ def _kept(checkpoints: CheckpointDir | None) -> str:
     return f" The last good checkpoint ({latest[0].stem}) is kept: resume from it." if latest else ""
 
 
-def save_style(library: StyleLibrary, cfg: TrainConfig, adapter: dict, info: dict[str, str], thumbnail=None, overwrite=False):
+def save_style(
+    library: StyleLibrary, cfg: TrainConfig, adapter: dict, info: dict[str, str], losses: list[float], thumbnail=None, overwrite=False
+):
     """Write a style file (atomically) from a peft UNet LoRA state dict and what is known about the run."""
     info = {
         "config": cfg.to_json(),
         "trigger": cfg.trigger_word,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "final_loss": f"{losses[-1]:.6f}" if losses else "nan",
         **info,
     }
     tensors, metadata = formats.encode_style(adapter, cfg.rank, cfg.lora_alpha, list(cfg.target_modules), info)
@@ -274,5 +278,5 @@ def keep_checkpoint(state: TrainingState, library: StyleLibrary, style_name: str
     """Save a checkpoint's adapter as a finished style (a cancelled run the user wants to keep)."""
     info = dict(state.info)
     cfg = TrainConfig.from_dict({**json.loads(info.pop("config")), "style_name": style_name})
-    info.update(final_loss=f"{state.losses[-1]:.6f}" if state.losses else "nan", steps_done=str(state.step))
-    return save_style(library, cfg, state.adapter, info, thumbnail=thumbnail)
+    info["steps_done"] = str(state.step)
+    return save_style(library, cfg, state.adapter, info, state.losses, thumbnail=thumbnail)
