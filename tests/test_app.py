@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -16,44 +12,22 @@ import pytest
 from PIL import Image
 
 from tests.conftest import pattern_image
+from tests.running_app import start_app, stop_app
 
 gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from gradio_client import handle_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """`python -m app` on the embedded model, in its own workspace; yields (client, workspace)."""
     workspace = tmp_path_factory.mktemp("workspace")
-    port = _free_port()
-    log = open(workspace / "app.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "--workspace", str(workspace), "--port", str(port)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    client = None
-    while client is None:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("app did not start:\n" + (workspace / "app.log").read_text()[-3000:])
-        try:
-            client = Client(url, verbose=False)
-        except Exception:
-            time.sleep(1)
+    try:
+        process, client, _ = start_app(workspace)
+    except RuntimeError as err:
+        pytest.fail(str(err))
     yield client, workspace
-    process.terminate()
-    process.wait(timeout=30)
+    stop_app(process)
 
 
 @pytest.fixture(scope="module")

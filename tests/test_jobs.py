@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from styles.library import StyleLibrary
 from tests.conftest import pattern_image
+from tests.running_app import start_app, stop_app
 from trainer.config import make_config
 from trainer.data import ImageSet, ingest
 from trainer.events import Finished
 from trainer.jobs import JobManager
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
 
 
@@ -89,50 +86,60 @@ def test_killed_child_is_interrupted_and_resumes(tmp_path):
     assert StyleLibrary(tmp_path).exists("phoenix")
 
 
-APP_LIKE = textwrap.dedent(
-    """
-    import sys, time
-    from tests.conftest import pattern_image
-    from trainer.config import make_config
-    from trainer.data import ImageSet
-    from trainer.jobs import JobManager
-
-    jobs = JobManager(sys.argv[1]).start()
-    images = ImageSet(images=[pattern_image(i) for i in range(2)], captions=["a red circle", None], names=["a", "b"])
-    jobs.submit(make_config("Quick", style_name="survivor", steps=60, num_samples=0, checkpoint_every=5), images)
-    time.sleep(600)
-    """
-)
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def test_kill_9_of_the_app_then_resume_gives_the_uninterrupted_adapter(tmp_path):
-    """The whole app process dies mid-run; a new one lists the job as interrupted; resume ends where a straight run ends."""
-    app = subprocess.Popen([sys.executable, "-c", APP_LIKE, str(tmp_path)], cwd=ROOT)
-    checkpoints = tmp_path / "jobs" / "0001" / "checkpoints"
+    """`python -m app` dies by SIGKILL mid-run; the next app lists the job as interrupted; Resume ends where a straight run ends."""
+    from gradio_client import handle_file
+
+    for i in range(2):
+        pattern_image(i).save(tmp_path / f"upload{i}.png")
+    (tmp_path / "upload0.txt").write_text("a red circle")
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    app, client, _ = start_app(workspace)
+    job_file = workspace / "jobs" / "0001" / "job.json"
     try:
-        _wait_for(lambda: any(p.name >= "step-000015" for p in checkpoints.glob("step-*.safetensors")), what="step 15")
+        files = [handle_file(str(tmp_path / name)) for name in ("upload0.png", "upload0.txt", "upload1.png")]
+        job, _ = client.predict(files=files, style_name="survivor", preset="Quick", steps=60, checkpoint_every=5,
+                                num_samples=0, api_name="/submit_training")
+        assert job == "0001"
+        _wait_for(lambda: json.loads(job_file.read_text())["checkpoint_step"] >= 15, what="a checkpoint at step 15")
+        child = json.loads(job_file.read_text())["pid"]
     finally:
         app.kill()  # SIGKILL: no cleanup runs in the app
         app.wait()
-    # The orphaned child notices within a second, saves a checkpoint and exits; wait until the files settle.
-    time.sleep(5)
+    # The orphaned child notices within a second, saves a checkpoint and exits.
+    _wait_for(lambda: _gone(child), timeout_s=60, what="the orphaned training process to exit")
 
-    jobs = JobManager(tmp_path).start()  # "starting the app again"
-    record = jobs.get("0001")
-    assert record.state == "interrupted" and "The app stopped while this job was running" in record.message
-    jobs.resume("0001")
-    assert jobs.wait_idle(TIMEOUT_S) and jobs.get("0001").state == "finished", jobs.get("0001").message
+    app, client, _ = start_app(workspace)  # "starting the app again"
+    try:
+        listed = {row["job"]: row for row in client.predict(api_name="/list_jobs")}
+        assert listed["0001"]["state"] == "interrupted", listed
+        assert "The app stopped while this job was running" in listed["0001"]["message"]
+        client.predict(job_id="0001", api_name="/resume_job")
+        status, _, _ = client.predict(job_id="0001", api_name="/follow_job")  # returns when the job has stopped
+        assert "finished" in status, status
+    finally:
+        stop_app(app)
 
-    # The same run without interruption, in this process, on the images the job kept.
+    # The same run without interruption, in this process, with the job's own config and kept images.
     from trainer.base import load_base
+    from trainer.config import TrainConfig
     from trainer.train import train
 
     base = load_base()
-    images = ingest(tmp_path / "jobs" / "0001" / "images", base.resolution)
-    cfg = make_config("Quick", style_name="survivor", steps=60, num_samples=0, checkpoint_every=5)
+    images = ingest(workspace / "jobs" / "0001" / "images", base.resolution)
+    cfg = TrainConfig.from_dict(json.loads(job_file.read_text())["config"])
     straight = list(train(cfg, images, base, StyleLibrary(tmp_path / "straight")))[-1]
     assert isinstance(straight, Finished)
-    expected, got = load_file(straight.path), load_file(StyleLibrary(tmp_path).path_for("survivor"))
+    expected, got = load_file(straight.path), load_file(StyleLibrary(workspace).path_for("survivor"))
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
 
 

@@ -1,0 +1,47 @@
+"""Start `python -m app` as a real subprocess on a free port and wait until it answers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(workspace: Path, *extra_args: str):
+    """(process, gradio_client.Client, url) of an app on the embedded model; its output goes to workspace/app.log."""
+    from gradio_client import Client
+
+    port = free_port()
+    log_path = Path(workspace) / "app.log"
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "--workspace", str(workspace), "--port", str(port), *extra_args],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("app did not start:\n" + log_path.read_text()[-3000:])
+        try:
+            return process, Client(url, verbose=False), url
+        except Exception:
+            time.sleep(1)
+
+
+def stop_app(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=30)
