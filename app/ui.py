@@ -22,8 +22,9 @@ from trainer.examples import EXAMPLES
 TOP_FIELDS = ("style_name", "trigger", "caption_template")  # shown above the Advanced accordion
 ADVANCED_FIELDS = [f for f in config_fields() if f.name not in TOP_FIELDS]
 PROGRESS_EVERY_S = 0.5  # throttle UI updates from a fast training loop
-REFRESH_EVERY_S = 3.0
-JOBS_EVERY_S = 2.0  # the queue table and the job picker follow jobs started elsewhere  # styles trained or deleted elsewhere appear in every open page
+REFRESH_EVERY_S = 3.0  # styles trained or deleted elsewhere appear in every open page
+JOBS_EVERY_S = 2.0  # the queue table and the job picker follow jobs started elsewhere
+LOSS_AVERAGE_STEPS = 20  # the chart's smoothed line: the mean of the last this many steps
 CSS = ".pixelated img { image-rendering: pixelated; }"  # tiny images scaled up stay crisp
 
 
@@ -98,13 +99,27 @@ def with_advanced_parameters(fn):
     return fn
 
 
+def loss_chart(losses: list[float]) -> pd.DataFrame:
+    """Long-form rows (step, loss, series) for the raw per-step loss and its running mean.
+
+    One step's loss depends on its random timestep and noise, so the raw line jumps about; the
+    running mean is the line that shows whether training is going anywhere.
+    """
+    raw = pd.Series(losses, dtype=float)
+    steps = range(1, len(raw) + 1)
+    return pd.concat([
+        pd.DataFrame({"step": steps, "loss": raw, "series": "per step"}),
+        pd.DataFrame({"step": steps, "loss": raw.rolling(LOSS_AVERAGE_STEPS, min_periods=1).mean(),
+                      "series": f"mean of {LOSS_AVERAGE_STEPS}"}),
+    ], ignore_index=True)
+
+
 def build_ui(studio: Studio) -> gr.Blocks:
     def job_view(job_id):
         """(status, loss table, samples) of one job, as the Train tab shows it."""
         record, progress = studio.jobs.get(job_id), studio.jobs.progress(job_id)
         status = describe(record, progress, studio.jobs.position(job_id))
-        losses = pd.DataFrame({"step": range(1, len(progress.losses) + 1), "loss": progress.losses})
-        return status, losses, list(progress.samples)
+        return status, loss_chart(progress.losses), list(progress.samples)
 
     @user_errors
     def follow_job(job_id):
@@ -291,7 +306,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 example_images = gr.Gallery(value=example_preview(next(iter(EXAMPLES))), label="Some of its images",
                                             columns=8, height=110, elem_classes="pixelated")
             files = gr.File(label="Images: files or a zip (optional .txt captions with the same name)", file_count="multiple",
-                            file_types=["image", ".zip", ".txt"])
+                            file_types=["image", ".zip", ".txt"], height=220)
             with gr.Row():
                 style_name = gr.Textbox(label="Style name", placeholder="my-style")
                 trigger = gr.Textbox(label="Trigger word", placeholder="defaults to the style name")
@@ -321,8 +336,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 discard_button = gr.Button("Discard checkpoint")
             job_message = gr.Markdown()
             status = gr.Markdown(label="Status")
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", label="Loss", height=220)
-            samples = gr.Gallery(label="Samples", columns=4, height=260, elem_classes="pixelated")
+            loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", label="Loss", height=220)
+            samples = gr.Gallery(label="Samples", columns=4, height=260, object_fit="contain", elem_classes="pixelated")
             jobs = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, label="Queue and history")
             known_job_ids = gr.State(None)
 
@@ -392,11 +407,11 @@ def build_ui(studio: Studio) -> gr.Blocks:
         demo.load(**jobs_args)
         gr.Timer(JOBS_EVERY_S).tick(**jobs_args)
         gr.api(list_jobs, api_name="list_jobs")
-        cancel_button.click(cancel_job, [job_picker], [job_message], api_name="cancel_job")
+        cancel_button.click(cancel_job, [job_picker], [job_message], api_name="cancel_job").then(**jobs_args)
         resume_button.click(resume_job, [job_picker], [job_message], api_name="resume_job").then(
             follow_job, [job_picker], [status, loss_plot, samples], show_progress="hidden", api_visibility="private")
-        keep_button.click(keep_job, [job_picker, keep_name], [job_message], api_name="keep_job").then(**refresh_args)
-        discard_button.click(discard_job, [job_picker], [job_message], api_name="discard_job")
+        keep_button.click(keep_job, [job_picker, keep_name], [job_message], api_name="keep_job").then(**refresh_args).then(**jobs_args)
+        discard_button.click(discard_job, [job_picker], [job_message], api_name="discard_job").then(**jobs_args)
         generate_button.click(
             generate, [prompt, negative, seed, steps, guidance, width, height, blend], [gallery, info], api_name="generate"
         )
