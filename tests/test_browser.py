@@ -1,0 +1,97 @@
+"""The running app in headless Chromium (Playwright): what a user sees and clicks.
+
+Needs Debian's chromium (/usr/bin/chromium) and the playwright package; `.ci/run` installs both and
+sets STYLE_STUDIO_REQUIRE_BROWSER=1, so there a missing browser fails instead of skipping.
+Screenshots go to test-artifacts/ (or $TEST_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.running_app import ROOT, start_app, stop_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
+# Chromium's own background connections are refused on a closed network, many at a time: turn them off.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+STEP_TIMEOUT_MS = 240_000
+
+
+def _require_browser():
+    missing = []
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package (pip install playwright)")
+    if not Path(CHROMIUM).exists():
+        missing.append("Debian's chromium (apt-get install chromium)")
+    if missing:
+        message = "browser tests need " + " and ".join(missing)
+        if os.environ.get("STYLE_STUDIO_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """A Chromium page on a fresh app; yields (page, workspace)."""
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    workspace = tmp_path_factory.mktemp("workspace")
+    process, _, url = start_app(workspace)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.goto(url)
+            yield page, workspace
+            browser.close()
+    finally:
+        stop_app(process)
+
+
+def _screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
+
+
+def test_train_tab_follows_a_job_live_then_cancel_and_keep(page):
+    """One click queues an example; the Train tab shows step, loss, it/s, time left and samples; Cancel, then Keep."""
+    page, workspace = page
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=STEP_TIMEOUT_MS)
+
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_label("Quick").check()
+    page.get_by_role("button", name="Train this example").click()
+
+    status = page.get_by_text(re.compile(r"Job 0001 · \w+ · running · step \d+ of 200"))
+    expect(status).to_be_visible()
+    expect(status).to_contain_text(re.compile(r"loss \d\.\d{4} · [\d.]+ it/s · .* left"))
+    # Samples arrive every 100 steps from fixed prompts and seeds, while the job still runs.
+    samples = page.locator(".pixelated").filter(has=page.get_by_text("Samples")).locator("img")
+    expect(samples.first).to_be_visible()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=samples.first.element_handle())
+    expect(page.get_by_text(re.compile("running · step"))).to_be_visible()
+    _screenshot(page, "train-tab-running")
+
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_text(re.compile(r"Job 0001 · \w+ · cancelled"))).to_be_visible()
+    page.get_by_role("button", name="Keep checkpoint as style").click()
+    expect(page.get_by_text(re.compile("Saved the checkpoint of job 0001 as style"))).to_be_visible()
+    history = page.get_by_role("grid", name="Queue and history")
+    expect(history).to_contain_text(re.compile("0001.*Kept the checkpoint at step"))
+    _screenshot(page, "train-tab-cancelled-kept")
+    from styles.library import StyleLibrary
+
+    assert StyleLibrary(workspace).exists("sunset")
