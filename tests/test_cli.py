@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -66,23 +67,46 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path, image_folder):
     assert (tmp_path / "ws" / "styles" / "later.safetensors").is_file()
 
 
+LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer"]
+
+
 def test_accelerate_launch_trains_one_style_over_two_processes(tmp_path, image_folder):
-    """Data parallel on two CPU processes (gloo): one style is saved, and it differs from a one-process run."""
-    common = ["--preset", "Quick", "--set", "steps=6", "--set", "num_samples=0", "--set", "learning_rate=1e-3",
+    """Data parallel on two CPU processes (gloo): one style is saved, and it differs from a one-process run;
+    Ctrl-C and --resume over two processes end with the uninterrupted two-process adapter."""
+    common = ["--preset", "Quick", "--set", "num_samples=0", "--set", "learning_rate=1e-3", "--set", "style_name=dp",
               "--images", str(image_folder)]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer"]
-    result = subprocess.run([*launch, *common, "--set", "style_name=dp", "--workspace", str(tmp_path / "dp")],
+    result = subprocess.run([*LAUNCH_2, *common, "--set", "steps=40", "--workspace", str(tmp_path / "dp")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved dp") == 1
     library = StyleLibrary(tmp_path / "dp")
-    assert library.names() == ["dp"] and library.get("dp").config["steps"] == 6
+    assert library.names() == ["dp"] and library.get("dp").config["steps"] == 40
     from styles import formats
 
     metadata, _ = formats.read_header(library.path_for("dp"))
     assert formats.style_info(metadata)["processes"] == "2"
-    single = _run(*common, "--set", "style_name=one", "--workspace", tmp_path / "one")
+    single = _run(*common, "--set", "steps=40", "--workspace", tmp_path / "one")
     assert single.returncode == 0, single.stderr
-    two, one = load_file(library.path_for("dp")), load_file(StyleLibrary(tmp_path / "one").path_for("one"))
+    two, one = load_file(library.path_for("dp")), load_file(StyleLibrary(tmp_path / "one").path_for("dp"))
     assert not all(torch.allclose(two[k], one[k]) for k in one)  # the second process's batches counted
+
+    # Ctrl-C in the terminal signals the whole process group: the launcher and both workers.
+    interrupted = subprocess.Popen([*LAUNCH_2, *common, "--set", "steps=100000", "--set", "checkpoint_every=2",
+                                    "--workspace", str(tmp_path / "resumed")],
+                                   cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpoints = tmp_path / "resumed" / "runs" / "dp" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("step-*.safetensors")):
+        assert time.monotonic() < deadline and interrupted.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(interrupted.pid, signal.SIGINT)
+    _, stderr = interrupted.communicate(timeout=120)
+    assert interrupted.returncode != 0 and "--resume" in stderr, stderr[-3000:]
+    stopped_at = max(int(p.stem.split("-")[1]) for p in checkpoints.glob("step-*.safetensors"))
+    assert stopped_at < 40
+    resumed = subprocess.run([*LAUNCH_2, *common, "--set", "steps=40", "--workspace", str(tmp_path / "resumed"), "--resume"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"resuming at step {stopped_at}" in resumed.stderr, resumed.stderr[-3000:]
+    again = load_file(StyleLibrary(tmp_path / "resumed").path_for("dp"))
+    assert all(torch.allclose(two[k], again[k], atol=1e-6) for k in two)

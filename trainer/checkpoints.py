@@ -2,7 +2,7 @@
 
     <job folder>/checkpoints/step-000100.safetensors
 
-A checkpoint holds the LoRA weights, AdamW's moments, the sampling generator's state and, in
+A checkpoint holds the LoRA weights, AdamW's moments, each process's sampling generator state and, in
 its metadata, the step, the loss history and the optimizer's hyper-parameters. Only tensors and
 JSON: nothing is pickled, so loading a checkpoint can never run code (unlike torch.save or
 accelerate's save_state). Each file is written whole or not at all (temporary file, fsync,
@@ -25,7 +25,7 @@ from styles import formats
 NAME = re.compile(r"^step-(\d{6,})\.safetensors$")
 ADAPTER = "adapter."
 MOMENT = "optimizer."
-GENERATOR = "generator_state"
+GENERATOR = "generator_state"  # process 0's; process i > 0 has "generator_state.i"
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TrainingState:
     step: int
     adapter: dict[str, torch.Tensor]  # peft state dict of the UNet's LoRA layers (keys without 'unet.')
     optimizer: dict  # torch.optim state_dict()
-    generator: torch.Tensor  # torch.Generator.get_state()
+    generators: list[torch.Tensor]  # torch.Generator.get_state() of each data-parallel process, in rank order
     losses: list[float] = field(default_factory=list)  # one per finished step
     info: dict[str, str] = field(default_factory=dict)  # what a style file made from it records (config, base model)
     path: Path | None = None
@@ -67,7 +67,8 @@ class CheckpointDir:
         for index, moments in optimizer["state"].items():
             for name, value in moments.items():
                 tensors[f"{MOMENT}{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        tensors[GENERATOR] = state.generator.clone()
+        for rank, generator_state in enumerate(state.generators):
+            tensors[GENERATOR + (f".{rank}" if rank else "")] = generator_state.clone()
         metadata = {
             "step": str(state.step),
             "losses": json.dumps(state.losses),
@@ -117,7 +118,7 @@ def load(path: str | Path) -> TrainingState:
         step=int(metadata["step"]),
         adapter=adapter,
         optimizer={"state": moments, "param_groups": json.loads(metadata["param_groups"])},
-        generator=tensors[GENERATOR],
+        generators=[tensors[GENERATOR], *(tensors[f"{GENERATOR}.{rank}"] for rank in range(1, len(tensors)) if f"{GENERATOR}.{rank}" in tensors)],
         losses=json.loads(metadata["losses"]),
         info=json.loads(metadata.get("info", "{}")),
         path=path,

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import is_tensorboard_available
+from accelerate.utils import gather_object, is_tensorboard_available
 from diffusers import DDPMScheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
@@ -76,6 +76,9 @@ def train(
     if tensorboard:
         accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
     state, notes = checkpoints.load_latest() if checkpoints and resume else (None, [])
+    if state and len(state.generators) != accelerator.num_processes:  # it continues, but not as the same run
+        notes.append(f"The checkpoint was written by {len(state.generators)} process(es) and this run has "
+                     f"{accelerator.num_processes}: its batches will differ from an uninterrupted run's.")
     first_step = state.step if state else 0
     losses = list(state.losses) if state else []
     yield Started(cfg.steps, len(images), images.skipped_lines(), first_step, losses[:], notes)
@@ -109,26 +112,38 @@ def train(
         if state:  # continue exactly where the checkpoint left off
             set_peft_model_state_dict(unet, state.adapter, adapter_name=TRAINING_ADAPTER)
             optimizer.load_state_dict(state.optimizer)
-            generator.set_state(state.generator)
+            if len(state.generators) == accelerator.num_processes:
+                generator.set_state(state.generators[accelerator.process_index])
         model, optimizer = accelerator.prepare(unet, optimizer)  # DDP wrapper under accelerate launch
         style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash, "num_images": str(len(images)),
                       "processes": str(accelerator.num_processes)}
 
         def save_checkpoint(done: int) -> Checkpoint | None:
-            if not checkpoints or not accelerator.is_main_process:
+            if not checkpoints:
+                return None
+            # Every process's generator, so that a resumed data-parallel run draws the batches it would have.
+            generators = gather_object([generator.get_state()]) if accelerator.num_processes > 1 else [generator.get_state()]
+            if not accelerator.is_main_process:
                 return None
             adapter = get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER)
             path = checkpoints.save(
-                TrainingState(done, adapter, optimizer.state_dict(), generator.get_state(), losses,
+                TrainingState(done, adapter, optimizer.state_dict(), generators, losses,
                               info={**style_info, "config": cfg.to_json()})
             )
             return Checkpoint(done, str(path))
+
+        def stop_asked() -> bool:
+            """Whether to stop now; all processes agree, so they stop at the same step (their collectives must match)."""
+            asked = stop is not None and stop.is_set()
+            if accelerator.num_processes == 1:
+                return asked
+            return bool(accelerator.reduce(torch.tensor([float(asked)], device=accelerator.device), "sum").item())
 
         # 3. The loop.
         unet.train()
         started, done = time.perf_counter(), first_step
         for step in range(first_step, cfg.steps):
-            if stop is not None and stop.is_set():  # leave a checkpoint to resume from or keep as a style
+            if stop_asked():  # leave a checkpoint to resume from or keep as a style
                 saved = save_checkpoint(done) if done > first_step else None
                 if saved:
                     yield saved
