@@ -84,6 +84,7 @@ def test_killed_child_is_interrupted_and_resumes(tmp_path):
     jobs.resume(job)
     assert jobs.wait_idle(TIMEOUT_S) and jobs.get(job).state == "finished", jobs.get(job).message
     assert StyleLibrary(tmp_path).exists("phoenix")
+    assert not (tmp_path / "jobs" / job / "checkpoints").exists()  # a finished job's checkpoints are not left behind
 
 
 def _gone(pid: int) -> bool:

@@ -375,6 +375,8 @@ class JobManager:
                 elif isinstance(event, Finished):
                     record.style_path = event.path
                     self._end(record, "finished", f"Style {event.style_name!r} is ready after {event.steps_done} steps.")
+                    # The style holds the result; checkpoints only served a resume (the images stay as the record).
+                    shutil.rmtree(self._dir(record.id) / "checkpoints", ignore_errors=True)
                 elif isinstance(event, Cancelled):
                     kept = f"A checkpoint at step {record.checkpoint_step} can be kept as a style or resumed." if event.checkpoint else "Nothing to keep."
                     self._end(record, "cancelled", f"Cancelled at step {event.step}. {kept}")
