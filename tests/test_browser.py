@@ -7,6 +7,7 @@ Screenshots go to test-artifacts/ (or $TEST_ARTIFACTS).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -26,9 +27,7 @@ STEP_TIMEOUT_MS = 240_000
 
 def _require_browser():
     missing = []
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         missing.append("the playwright package (pip install playwright)")
     if not Path(CHROMIUM).exists():
         missing.append("Debian's chromium (apt-get install chromium)")
