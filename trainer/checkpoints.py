@@ -114,11 +114,14 @@ def load(path: str | Path) -> TrainingState:
             moments.setdefault(int(index), {})[name] = value
     if not adapter or GENERATOR not in tensors:
         raise ValueError("it holds no adapter weights")
+    generators = [tensors[GENERATOR]]
+    while f"{GENERATOR}.{len(generators)}" in tensors:
+        generators.append(tensors[f"{GENERATOR}.{len(generators)}"])
     return TrainingState(
         step=int(metadata["step"]),
         adapter=adapter,
         optimizer={"state": moments, "param_groups": json.loads(metadata["param_groups"])},
-        generators=[tensors[GENERATOR], *(tensors[f"{GENERATOR}.{rank}"] for rank in range(1, len(tensors)) if f"{GENERATOR}.{rank}" in tensors)],
+        generators=generators,
         losses=json.loads(metadata["losses"]),
         info=json.loads(metadata.get("info", "{}")),
         path=path,

@@ -122,7 +122,7 @@ def train(
             if not checkpoints:
                 return None
             # Every process's generator, so that a resumed data-parallel run draws the batches it would have.
-            generators = gather_object([generator.get_state()]) if accelerator.num_processes > 1 else [generator.get_state()]
+            generators = gather_object([generator.get_state()])  # a one-process run gets its own list back
             if not accelerator.is_main_process:
                 return None
             adapter = get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER)
