@@ -19,7 +19,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(workspace: Path, *extra_args: str):
+def start_app(workspace: Path):
     """(process, gradio_client.Client, url) of an app on the embedded model; its output goes to workspace/app.log."""
     from gradio_client import Client
 
@@ -27,7 +27,7 @@ def start_app(workspace: Path, *extra_args: str):
     log_path = Path(workspace) / "app.log"
     with open(log_path, "a") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app", "--workspace", str(workspace), "--port", str(port), *extra_args],
+            [sys.executable, "-m", "app", "--workspace", str(workspace), "--port", str(port)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
         )
     url = f"http://127.0.0.1:{port}/"
