@@ -1,15 +1,18 @@
-"""Ingest: every odd image kind becomes a clean RGB square; unusable files are named with a reason."""
+"""Ingest: every odd image kind becomes a clean RGB square; unusable and hostile files are named with a reason."""
 
 from __future__ import annotations
 
+import io
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from tests.conftest import pattern_image, png_bytes
-from trainer.data import ingest
+from trainer.data import UploadLimits, ingest, read_capped
 
 RES = 32
 
@@ -97,23 +100,6 @@ def test_centre_crop_keeps_the_middle(tmp_path):
     assert (np.asarray(result.images[0])[:, 4:28] == (0, 255, 0)).all()
 
 
-@pytest.mark.parametrize(
-    "name,data,reason",
-    [
-        ("page.html", b"<html><body>hello</body></html>", "not an image"),
-        ("empty.png", b"", "empty file"),
-        ("truncated.png", png_bytes(pattern_image(1))[:200], "cannot be decoded"),
-        ("tiny.png", png_bytes(Image.new("RGB", (4, 4))), "too small"),
-    ],
-)
-def test_unusable_files_are_reported_and_the_rest_still_count(tmp_path, name, data, reason):
-    good = _write(tmp_path, "good.png", png_bytes(pattern_image(0)))
-    bad = _write(tmp_path, name, data)
-    result = ingest([good, bad], resolution=RES)
-    assert result.names == ["good.png"]
-    assert result.skipped[0][0] == name and reason in result.skipped[0][1]
-
-
 def test_no_usable_image_is_a_clear_error(tmp_path):
     bad = _write(tmp_path, "notes.html", b"<html></html>")
     with pytest.raises(ValueError, match=r"notes.html: not an image"):
@@ -132,7 +118,7 @@ def test_zip_with_captions_and_unsafe_members(tmp_path, image_zip):
         archive.writestr("__MACOSX/._img0.png", b"junk")
     result = ingest(image_zip, resolution=RES)
     assert len(result) == 4 and result.captions[0] == "a red circle in zq style"
-    assert result.skipped == [("set.zip/../escape.png", "unsafe path inside the zip (absolute or containing '..')")]
+    assert result.skipped == [("set.zip/../escape.png", "unsafe path inside the zip (absolute, a drive, or containing '..')")]
     assert not (tmp_path.parent / "escape.png").exists()
 
 
@@ -141,3 +127,184 @@ def test_files_and_caption_uploaded_together(tmp_path):
     caption = _write(tmp_path, "cat.txt", b"my caption\n")
     result = ingest([caption, image], resolution=RES)
     assert result.captions == ["my caption"]
+
+
+# -- hostile uploads ------------------------------------------------------------------------------
+# The helpers below are shared with tests/test_hostile.py, which sends the same files to the running app.
+
+
+def png_claiming(width: int, height: int, rows: int | None = None) -> bytes:
+    """A 1-bit grayscale PNG whose header says width x height; its data holds `rows` rows of zeros
+    (all of them by default: a real decompression bomb, tiny on disk; 0: the header alone)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor, row = zlib.compressobj(9), bytes(1 + (width + 7) // 8)  # filter byte + packed bits
+    pixels = b"".join(compressor.compress(row) for _ in range(height if rows is None else rows)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def patch_member(archive: bytes, name: str, file_size: int | None = None, flags: int | None = None) -> bytes:
+    """The zip with one member's declared (uncompressed) size or flag bits rewritten in both its
+    local header and its central directory record, as a hand-made hostile zip would have them."""
+    data, encoded = bytearray(archive), name.encode()
+    for signature, size_at, flags_at, name_at in ((b"PK\x03\x04", 22, 6, 30), (b"PK\x01\x02", 24, 8, 46)):
+        at = data.find(signature)
+        while data[at + name_at:at + name_at + len(encoded)] != encoded:
+            at = data.find(signature, at + 1)
+        if file_size is not None:
+            struct.pack_into("<I", data, at + size_at, file_size)
+        if flags is not None:
+            struct.pack_into("<H", data, at + flags_at, flags)
+    return bytes(data)
+
+
+def corrupt_png() -> bytes:
+    data = bytearray(png_bytes(pattern_image(2)))
+    data[len(data) // 2] ^= 0xFF  # inside the image data: its chunk CRC no longer matches
+    return bytes(data)
+
+
+GOOD = png_bytes(pattern_image(0))
+SMALL = UploadLimits(max_file_bytes=200_000, max_total_bytes=2_000_000, max_files=20, max_pixels=1_000_000)
+
+# name, bytes (made lazily), expected words in the reason. Each goes in with a good image, which must still count.
+HOSTILE_FILES = [
+    ("page.html", lambda: b"<!doctype html><html><body><script>alert(1)</script></body></html>", "not an image"),
+    ("drawing.svg", lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect/></svg>', "not an image"),
+    ("install.sh", lambda: b"#!/bin/sh\nrm -rf ~\n", "not an image"),
+    ("script.png", lambda: b"#!/bin/sh\nrm -rf ~\n", "not an image"),  # the name does not decide
+    ("poster.eps", lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n", "not an image"),  # never reaches Ghostscript
+    ("archive.png", lambda: zip_bytes({"a.png": GOOD}), "not an image"),
+    ("empty.png", lambda: b"", "empty file"),
+    ("truncated.png", lambda: png_bytes(pattern_image(1))[:200], "cannot be decoded"),
+    ("truncated.jpg", lambda: png_bytes(pattern_image(1, 256), format="JPEG")[:600], "cannot be decoded"),
+    ("corrupt.png", corrupt_png, "cannot be decoded"),
+    ("tiny.png", lambda: png_bytes(Image.new("RGB", (4, 4))), "too small"),
+    ("huge.png", lambda: bytes(300_000), "larger than 0.2 MB"),
+    ("bomb.png", lambda: png_claiming(2000, 2000), "too many pixels (2000x2000"),  # 2000 rows of zeros: 4 MP decoded, 2 KB on disk
+    ("claims.png", lambda: png_claiming(50_000, 50_000, rows=0), "decompression bomb"),  # over PIL's own limit: its error
+]
+
+
+@pytest.mark.parametrize("name,make,reason", HOSTILE_FILES, ids=[c[0] for c in HOSTILE_FILES])
+def test_hostile_files_are_refused_by_name_and_the_rest_still_count(tmp_path, name, make, reason):
+    good = _write(tmp_path, "good.png", GOOD)
+    bad = _write(tmp_path, name, make())
+    result = ingest([bad, good], resolution=RES, limits=SMALL)
+    assert result.names == ["good.png"]
+    assert len(result.skipped) == 1 and result.skipped[0][0] == name and reason in result.skipped[0][1], result.skipped
+
+
+# member name, bytes, expected words in the reason; each sits in one zip beside a good image.
+HOSTILE_MEMBERS = [
+    ("../evil.png", lambda: GOOD, "unsafe path"),
+    ("set/../../evil.png", lambda: GOOD, "unsafe path"),
+    ("/etc/evil.png", lambda: GOOD, "unsafe path"),
+    ("..\\evil.png", lambda: GOOD, "unsafe path"),  # Windows separators, read as such on POSIX too
+    ("C:/evil.png", lambda: GOOD, "unsafe path"),
+    ("C:evil.png", lambda: GOOD, "unsafe path"),
+    ("\\\\server\\share\\evil.png", lambda: GOOD, "unsafe path"),
+    ("../evil.txt", lambda: b"a caption", "unsafe path"),  # captions are refused by name too, not dropped
+    ("inner.zip", lambda: zip_bytes({"a.png": GOOD}), "zip inside a zip is not read"),
+    ("zeros.png", lambda: bytes(300_000), "larger than 0.2 MB"),  # compresses to almost nothing; its header is honest
+    ("empty.png", lambda: b"", "empty file"),
+    ("page.html", lambda: b"<html></html>", "not an image"),
+]
+
+
+@pytest.mark.parametrize("member,make,reason", HOSTILE_MEMBERS, ids=[c[0] for c in HOSTILE_MEMBERS])
+def test_hostile_zip_members_are_refused_by_name(tmp_path, member, make, reason):
+    archive = _write(tmp_path, "set.zip", zip_bytes({"good.png": GOOD, member: make()}))
+    result = ingest(archive, resolution=RES, limits=SMALL)
+    assert result.names == ["set.zip/good.png"]
+    assert result.skipped == [(f"set.zip/{member}", result.skipped[0][1])] and reason in result.skipped[0][1], result.skipped
+    assert not any(p.name.startswith("evil") for p in tmp_path.parent.rglob("*"))  # nothing extracted anywhere
+
+
+def test_zip_member_whose_header_understates_its_size_is_stopped(tmp_path):
+    # The header says 1000 bytes; the data inflates to 5 MB. zipfile stops at the declared size,
+    # and the checksum of what it returned does not match, so the member is refused unread-through.
+    archive = zip_bytes({"good.png": GOOD, "bomb.png": bytes(5_000_000)})
+    path = _write(tmp_path, "lying.zip", patch_member(archive, "bomb.png", file_size=1000))
+    result = ingest(path, resolution=RES, limits=SMALL)
+    assert result.names == ["lying.zip/good.png"]
+    assert result.skipped[0][0] == "lying.zip/bomb.png" and "Bad CRC-32" in result.skipped[0][1]
+
+
+def test_zip_member_whose_header_overstates_its_size_is_refused_unread(tmp_path):
+    archive = zip_bytes({"good.png": GOOD, "bomb.png": GOOD})
+    path = _write(tmp_path, "lying.zip", patch_member(archive, "bomb.png", file_size=3_000_000_000))
+    result = ingest(path, resolution=RES)  # default caps: 3 GB is over the 50 MB a file may hold
+    assert result.skipped == [("lying.zip/bomb.png", "larger than 50 MB (2861 MB): scale it down first")]
+
+
+def test_encrypted_zip_member_is_refused(tmp_path):
+    path = _write(tmp_path, "locked.zip", patch_member(zip_bytes({"good.png": GOOD, "locked.png": GOOD}), "locked.png", flags=0x1))
+    result = ingest(path, resolution=RES)
+    assert result.names == ["locked.zip/good.png"] and "encrypted" in result.skipped[0][1]
+
+
+def test_reads_are_cut_off_at_the_declared_size():
+    # Whatever a header claimed, reading stops once a stream passes it.
+    with pytest.raises(ValueError, match="holds more than the 10 bytes it declared"):
+        read_capped(io.BytesIO(bytes(100)), 10)
+    assert read_capped(io.BytesIO(bytes(10)), 10) == bytes(10)
+
+
+def test_pil_decompression_bomb_warning_range_is_refused_too(tmp_path):
+    # Between 1x and 2x Image.MAX_IMAGE_PIXELS PIL only warns; a caller's higher max_pixels does not open that range.
+    big = UploadLimits(max_pixels=10**12)
+    path = _write(tmp_path, "claims.png", png_claiming(10_000, 10_000, rows=0))  # 100 MP, PIL's limit is ~89 MP
+    with pytest.warns(Image.DecompressionBombWarning):
+        result = ingest([path, _write(tmp_path, "good.png", GOOD)], resolution=RES, limits=big)
+    assert result.names == ["good.png"] and "too many pixels (10000x10000" in result.skipped[0][1]
+
+
+def test_truncated_images_are_not_padded():
+    # PIL pads truncated images with grey when this global is True; nothing may turn it on.
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+@pytest.mark.parametrize(
+    "limits,match",
+    [
+        (UploadLimits(max_files=3), r"holds 4 files; at most 3"),
+        (UploadLimits(max_total_bytes=100_000), r"at most 100000 bytes is read at once"),
+    ],
+)
+def test_caps_on_the_whole_upload_refuse_it_before_reading(tmp_path, limits, match):
+    paths = [_write(tmp_path, f"img{i}.png", png_bytes(pattern_image(i)) + bytes(30_000)) for i in range(4)]
+    with pytest.raises(ValueError, match=match):
+        ingest(paths, resolution=RES, limits=limits)
+
+
+def test_zip_members_count_unpacked_against_the_total(tmp_path):
+    # Three members of 80 KB of zeros: a 1 KB zip that unpacks to 240 KB, over a 200 KB total.
+    archive = _write(tmp_path, "zeros.zip", zip_bytes({f"z{i}.png": bytes(80_000) for i in range(3)}))
+    assert archive.stat().st_size < 2_000
+    with pytest.raises(ValueError, match=r"holds 0.2 MB \(zip members counted unpacked\)"):
+        ingest(archive, resolution=RES, limits=UploadLimits(max_total_bytes=200_000))
+
+
+def test_zip_members_count_against_the_number_of_files(tmp_path):
+    archive = _write(tmp_path, "many.zip", zip_bytes({f"img{i}.png": GOOD for i in range(6)}))
+    with pytest.raises(ValueError, match=r"holds 6 files; at most 5 \(images and captions, zip members included\)"):
+        ingest(archive, resolution=RES, limits=UploadLimits(max_files=5))
+
+
+def test_defaults_fit_fifty_large_photos():
+    limits = UploadLimits()
+    assert limits.max_files >= 100 and limits.max_total_bytes >= 50 * 20 * 1024 * 1024
+    assert limits.max_pixels >= 8688 * 5792  # a 50 MP camera
+    assert limits.largest_upload_file == limits.max_total_bytes  # one zip may carry the whole set
