@@ -16,7 +16,7 @@ from styles.library import StyleLibrary
 from trainer.base import load_base
 from styles.library import check_style_name
 from trainer.config import DEFAULT_PRESET, make_config, read_settings, write_settings
-from trainer.data import ingest
+from trainer.data import UploadLimits, ingest
 from trainer.examples import EXAMPLES
 from trainer.jobs import JobManager, JobRecord, Progress
 
@@ -31,9 +31,10 @@ class Generated:
 class Studio:
     """One workspace, one base model, one blender; training runs in child processes."""
 
-    def __init__(self, workspace: str | Path, model: str | None = None):
+    def __init__(self, workspace: str | Path, model: str | None = None, limits: UploadLimits | None = None):
         self.workspace = Path(workspace).resolve()
         self.model = model
+        self.limits = limits or UploadLimits()  # caps on each upload (files, bytes, pixels)
         self.library = StyleLibrary(self.workspace)
         self.outputs = self.workspace / "outputs"
         self.exports = self.workspace / "exports"
@@ -53,7 +54,7 @@ class Studio:
         self.library.ensure_free(cfg.style_name)
         if not sources:
             raise ValueError("No images were uploaded: add image files or a zip of images.")
-        images = ingest(sources, cfg.resolution or self.base.resolution)
+        images = ingest(sources, cfg.resolution or self.base.resolution, limits=self.limits)
         return self.jobs.submit(cfg, images)
 
     # -- saved presets (TOML, the same files `python -m trainer --config` reads) ---------------

@@ -17,6 +17,7 @@ import pandas as pd
 from app.studio import Studio, describe
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from trainer.config import DEFAULT_CAPTION_TEMPLATE, DEFAULT_PRESET, PRESETS, config_fields
+from trainer.data import MB
 from trainer.examples import EXAMPLES
 
 TOP_FIELDS = ("style_name", "trigger", "caption_template")  # shown above the Advanced accordion
@@ -305,7 +306,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     example_button = gr.Button("Train this example", variant="secondary", scale=1)
                 example_images = gr.Gallery(value=example_preview(next(iter(EXAMPLES))), label="Some of its images",
                                             columns=8, height=110, elem_classes="pixelated")
-            files = gr.File(label="Images: files or a zip (optional .txt captions with the same name)", file_count="multiple",
+            limits = studio.limits
+            files = gr.File(label=f"Images: files or a zip (optional .txt captions with the same name); up to "
+                                  f"{limits.max_file_bytes // MB} MB a file, {limits.max_files} files and "
+                                  f"{limits.max_total_bytes // MB} MB in all", file_count="multiple",
                             file_types=["image", ".zip", ".txt"], height=220)
             with gr.Row():
                 style_name = gr.Textbox(label="Style name", placeholder="my-style")

@@ -19,15 +19,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(workspace: Path):
-    """(process, gradio_client.Client, url) of an app on the embedded model; its output goes to workspace/app.log."""
+def start_app(workspace: Path, extra_args: list[str] | None = None, auth: tuple[str, str] | None = None):
+    """(process, gradio_client.Client, url) of an app on the embedded model; its output goes to workspace/app.log.
+
+    `extra_args` go on `python -m app`'s command line; `auth` is what the client logs in with.
+    """
     from gradio_client import Client
 
     port = free_port()
     log_path = Path(workspace) / "app.log"
     with open(log_path, "a") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app", "--workspace", str(workspace), "--port", str(port)],
+            [sys.executable, "-m", "app", "--workspace", str(workspace), "--port", str(port), *(extra_args or [])],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
         )
     url = f"http://127.0.0.1:{port}/"
@@ -37,7 +40,7 @@ def start_app(workspace: Path):
             process.kill()
             raise RuntimeError("app did not start:\n" + log_path.read_text()[-3000:])
         try:
-            return process, Client(url, verbose=False), url
+            return process, Client(url, verbose=False, auth=auth), url
         except Exception:
             time.sleep(1)
 
