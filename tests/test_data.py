@@ -188,7 +188,9 @@ HOSTILE_FILES = [
     ("archive.png", lambda: zip_bytes({"a.png": GOOD}), "not an image"),
     ("empty.png", lambda: b"", "empty file"),
     ("truncated.png", lambda: png_bytes(pattern_image(1))[:200], "cannot be decoded"),
-    ("truncated.jpg", lambda: png_bytes(pattern_image(1, 256), format="JPEG")[:600], "cannot be decoded"),
+    ("cut-data.png", lambda: png_bytes(pattern_image(1, 256))[:-300], "image file is truncated"),  # header intact, data cut
+    ("truncated.jpg", lambda: png_bytes(pattern_image(1, 256), format="JPEG")[:12_000], "image file is truncated"),
+    ("cut-header.jpg", lambda: png_bytes(pattern_image(1, 256), format="JPEG")[:600], "cannot be decoded"),
     ("corrupt.png", corrupt_png, "cannot be decoded"),
     ("tiny.png", lambda: png_bytes(Image.new("RGB", (4, 4))), "too small"),
     ("huge.png", lambda: bytes(300_000), "larger than 0.2 MB"),

@@ -289,7 +289,7 @@ def _read(entry: _Entry) -> bytes:
 def _unsafe_member(name: str) -> bool:
     # Read as a Windows path too, so '..\\x', 'C:/x' and '\\\\server\\x' are caught on any system.
     windows = PureWindowsPath(name)
-    return name.startswith("/") or bool(windows.drive or windows.root) or ".." in windows.parts
+    return bool(windows.drive or windows.root) or ".." in windows.parts
 
 
 def _shown(name: str) -> str:
@@ -307,8 +307,8 @@ def _size(n: int) -> str:
 
 
 def _format_list() -> str:
-    names = {"JPEG": "JPEG", "WEBP": "WebP"}
-    return ", ".join(names.get(f, f) for f in FORMATS[:-1]) + f" or {FORMATS[-1]}"
+    names = [{"WEBP": "WebP"}.get(f, f) for f in FORMATS]
+    return ", ".join(names[:-1]) + f" or {names[-1]}"
 
 
 def _is_hidden(relative: str) -> bool:
