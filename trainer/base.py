@@ -1,5 +1,9 @@
 """Load a base model: the embedded default, a hub id, a diffusers folder or a single .safetensors file.
 
+Three families are supported, each detected from the loaded UNet (detect_family): Stable Diffusion
+1.x ("sd1"), 2.x ("sd2", epsilon or v-prediction) and SDXL ("sdxl", two text encoders). A style
+records the family it was trained on, and the blender refuses a style of another family.
+
 The embedded model is a diffusers folder we pretrain and commit (trainer/embedded.py); it is
 loaded with from_pretrained like any other.
 
@@ -9,16 +13,28 @@ Also the one place that decides device and dtype (ARCHITECTURE.md convention 5).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 
 from trainer import embedded
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+# The text-to-image pipelines we train on, by the class name a diffusers folder's model_index.json gives.
+PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
+# What single-file checkpoints we load, by diffusers' name for what they hold (infer_diffusers_model_type).
+SINGLE_FILE_KINDS = {"v1": StableDiffusionPipeline, "v2": StableDiffusionPipeline, "xl_base": StableDiffusionXLPipeline}
+# The files from_single_file reads from a hub repo to build a pipeline (as its own config download does).
+CONFIG_FILES = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
 
 
 def choose_device_dtype(precision: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -38,11 +54,12 @@ def choose_device_dtype(precision: str = "auto") -> tuple[torch.device, torch.dt
 class Base:
     """A loaded base pipeline and what we know about it."""
 
-    pipe: StableDiffusionPipeline
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
     model_id: str
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" (the noise) or "v_prediction"
 
     @property
     def resolution(self) -> int:
@@ -62,12 +79,18 @@ class Base:
         return digest.hexdigest()[:16]
 
 
-def load_base(model: str | None = None, precision: str = "auto") -> Base:
+def load_base(model: str | None = None, precision: str = "auto", model_config: str | None = None) -> Base:
     """Load a base model by hub id, diffusers folder or single-file checkpoint; None is the embedded model.
+
+    A hub id is read from the local Hugging Face cache when offline (HF_HUB_OFFLINE=1). A single
+    .safetensors checkpoint holds weights only: `model_config` names the diffusers folder, or hub id,
+    whose configs describe its parts (default: diffusers' reference model of its family, which
+    must then be in the cache when offline).
 
     >>> base = load_base()  # the embedded tiny model, offline
     >>> base.family, base.resolution
     ('sd1', 64)
+    >>> load_base("sdxl.safetensors", model_config="stabilityai/stable-diffusion-xl-base-1.0")  # doctest: +SKIP
     """
     device, dtype = choose_device_dtype(precision)
     if model in (None, "", embedded.EMBEDDED_ID, "embedded"):
@@ -77,27 +100,41 @@ def load_base(model: str | None = None, precision: str = "auto") -> Base:
             )
         pipe, model_id = _load_pipeline(str(embedded.MODEL_DIR), dtype), embedded.EMBEDDED_ID
     else:
-        pipe, model_id = _load_pipeline(str(model), dtype), str(model)
-    family = detect_family(pipe)
+        pipe, model_id = _load_pipeline(str(model), dtype, model_config), str(model)
+    family = detect_family(pipe.unet.config)
     pipe.to(device)
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    for frozen in (pipe.unet, pipe.vae, pipe.text_encoder):
-        frozen.requires_grad_(False)
-    return Base(pipe=pipe, model_id=model_id, family=family, device=device, dtype=dtype)
+    for part in pipe.components.values():  # unet, vae and the text encoder(s): nothing of the base trains
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False)
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return Base(pipe=pipe, model_id=model_id, family=family, device=device, dtype=dtype, prediction_type=prediction_type)
 
 
-def detect_family(pipe) -> str:
-    unet = pipe.unet.config
-    if getattr(unet, "addition_embed_type", None) == "text_time":
-        raise ValueError(
-            "SDXL base models are not supported yet: use a Stable Diffusion 1.x or 2.x model for now."
-        )
-    return "sd2" if unet.cross_attention_dim == 1024 else "sd1"
+def detect_family(unet_config: Mapping) -> str:
+    """"sd1", "sd2" or "sdxl" from a UNet config (unet.config, or the dict of its config.json).
+
+    The rule, first match wins:
+    - sdxl: addition_embed_type == "text_time", the pooled-text and image-size conditioning SDXL
+      added (its UNet cannot run without them); no 1.x or 2.x UNet has it.
+    - sd2: use_linear_projection, since 2.x replaced 1.x's 1x1-convolution projections into and out of
+      each transformer block with linear layers; or cross_attention_dim 1024 (OpenCLIP ViT-H's width).
+    - sd1: anything else.
+    Not by widths alone (768, 1024, 2048): small and distilled models of each family have others.
+
+    >>> detect_family({"cross_attention_dim": 1024, "use_linear_projection": True})
+    'sd2'
+    """
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd1"
 
 
-def _load_pipeline(model: str, dtype: torch.dtype):
+def _load_pipeline(model: str, dtype: torch.dtype, model_config: str | None = None):
     path = Path(model)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(
@@ -105,15 +142,92 @@ def _load_pipeline(model: str, dtype: torch.dtype):
             "Use a .safetensors checkpoint or a diffusers folder instead."
         )
     if path.suffix.lower() == ".safetensors":
-        if not path.is_file():
-            raise ValueError(f"Checkpoint file {model} does not exist.")
-        return StableDiffusionPipeline.from_single_file(str(path), dtype=dtype)
+        return _load_single_file(path, dtype, model_config)
     if path.exists() and not (path / "model_index.json").is_file():
         raise ValueError(f"{model} is not a diffusers model folder (it has no model_index.json).")
     try:
-        return DiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None)
+        # model_index.json first: it names the pipeline, so a wrong kind is refused before gigabytes load.
+        cls = _pipeline_class(model)
+        extra = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
+        return cls.from_pretrained(model, dtype=dtype, **extra)
     except OSError as err:
         raise ValueError(
             f"Cannot load base model {model!r}: {err}. Give a hub id that is in the local cache "
             "(the machine is offline), a diffusers folder, or a .safetensors checkpoint."
+        ) from None
+
+
+def _pipeline_class(model: str) -> type:
+    """The pipeline class a diffusers folder or hub id declares, if it is one we train on."""
+    name = DiffusionPipeline.load_config(model).get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(
+            f"{model} is a {name} model; Style Studio trains on text-to-image Stable Diffusion 1.x, 2.x "
+            "and SDXL base models (StableDiffusionPipeline or StableDiffusionXLPipeline)."
+        )
+    return PIPELINES[name]
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """What a single-file checkpoint holds, in diffusers' words: "v1", "v2", "xl_base", "xl_refiner", "inpainting"...
+
+    Read from the key names and shapes in the file's header, without loading a tensor; diffusers'
+    own rule decides (SDXL, for instance, by its second text encoder's conditioner.embedders.1 keys).
+    """
+    with safe_open(str(path), framework="pt") as checkpoint:
+        # infer_diffusers_model_type only asks `key in checkpoint` and `checkpoint[key].shape`.
+        shapes = {key: SimpleNamespace(shape=checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}
+    if not any(key.startswith("model.diffusion_model.") for key in shapes):
+        raise ValueError(
+            f"{Path(path).name} holds no Stable Diffusion UNet (no model.diffusion_model.* weights); "
+            "if it is a LoRA style, import it in the Styles tab instead."
+        )
+    return infer_diffusers_model_type(shapes)
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, model_config: str | None):
+    """A pipeline from one original-layout .safetensors checkpoint, with its configs found offline."""
+    if not path.is_file():
+        raise ValueError(f"Checkpoint file {path} does not exist.")
+    kind = checkpoint_kind(path)
+    if kind not in SINGLE_FILE_KINDS:
+        raise ValueError(
+            f"{path.name} is a {kind!r} checkpoint; Style Studio trains on Stable Diffusion 1.x, 2.x and "
+            "SDXL base checkpoints (not inpainting, refiner, upscaler or ControlNet ones)."
+        )
+    cls = SINGLE_FILE_KINDS[kind]
+    config = _single_file_config(path, kind, model_config)
+    if _pipeline_class(config) is not cls:
+        raise ValueError(
+            f"{path.name} is an {'SDXL' if cls is StableDiffusionXLPipeline else 'SD 1.x/2.x'} checkpoint, "
+            f"but the model config {model_config} is not: give the config of a model of the same family."
+        )
+    extra = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
+    # local_files_only: every config is in `config` already, so nothing is fetched.
+    return cls.from_single_file(str(path), config=config, dtype=dtype, local_files_only=True, **extra)
+
+
+def _single_file_config(path: Path, kind: str, model_config: str | None) -> str:
+    """A local diffusers folder with the configs (no weights needed) from_single_file builds `path`'s pipeline from.
+
+    diffusers 0.42 takes them from `config=` (a local folder or a hub id), else from its reference
+    repo for the checkpoint's kind; offline it looks in the HF cache and, when they are missing,
+    retries online and fails with a bare LocalEntryNotFoundError. We resolve the folder first, so
+    the failure can say what to do.
+    """
+    config = model_config or DIFFUSERS_DEFAULT_PIPELINE_PATHS[kind]["pretrained_model_name_or_path"]
+    if Path(config).is_dir():
+        if not (Path(config) / "model_index.json").is_file():
+            raise ValueError(f"The model config {config} is not a diffusers model folder (it has no model_index.json).")
+        return str(config)
+    offline = hub_constants.HF_HUB_OFFLINE
+    try:
+        return snapshot_download(config, allow_patterns=CONFIG_FILES, local_files_only=offline)
+    except (OSError, ValueError) as err:  # not cached (offline), no network, no such repo, a malformed id
+        where = "is not in the local Hugging Face cache and the machine is offline" if offline else f"cannot be fetched ({err})"
+        raise ValueError(
+            f"{path.name} is a single-file checkpoint, which holds weights but not the configs that describe "
+            f"its parts. They come from {config}, which {where}. Give a model config: a diffusers folder or a "
+            f"cached hub id of a model of the same family (load_base(..., model_config=...), the --model-config "
+            f"option), or go online once so that {config}'s configs get cached."
         ) from None
