@@ -4,6 +4,8 @@ Recipe (as in diffusers' train_text_to_image_lora.py, minus what a frozen VAE an
 make redundant): the VAE latents and the text embeddings are computed once before the loop,
 LoRA layers from peft go on the UNet's attention projections, and AdamW minimises the MSE
 between the UNet's prediction and the noise (or the velocity, for v-prediction models).
+SDXL's UNet takes more conditioning than the text embeddings (a pooled text embedding and the
+image-size ids); `Conditioning` carries it, so the loop reads the same for every family.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import math
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -86,8 +89,9 @@ def train(
     # 1. Cache what the frozen parts compute: latent distributions and caption embeddings.
     latent_mean, latent_std = encode_images(pipe, images.images)
     captions = [cfg.caption_for(caption) for caption in images.captions]
-    text_embeds = encode_prompts(pipe, captions)
-    empty_embed = encode_prompts(pipe, [""])  # for caption dropout: the classifier-free guidance branch
+    sizes = [image.size for image in images.images]
+    conditioning = encode_conditioning(pipe, captions, sizes)
+    empty = encode_conditioning(pipe, [""], sizes[:1])  # for caption dropout: the classifier-free guidance branch
     sample_prompts = [captions[i % len(captions)] for i in range(cfg.num_samples)]  # fixed prompts and seeds
 
     # 2. LoRA layers on the attention projections; their init is seeded so a run is reproducible.
@@ -155,13 +159,13 @@ def train(
             latents = (latent_mean[batch] + latent_std[batch] * eps) * pipe.vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
-            embeds = text_embeds[batch]
+            cond = conditioning[batch]
             if cfg.caption_dropout:
                 dropped = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
-                embeds = torch.where(dropped[:, None, None], empty_embed, embeds)
+                cond = cond.with_dropout(dropped, empty)
             try:
                 loss = diffusion_loss(
-                    model, noise_scheduler, latents.to(device), embeds.to(device), noise.to(device), timesteps.to(device), base.dtype
+                    model, noise_scheduler, latents.to(device), cond.to(device), noise.to(device), timesteps.to(device), base.dtype
                 )
                 accelerator.backward(loss)
             except torch.OutOfMemoryError:
@@ -242,14 +246,50 @@ def save_style(
     return library.save(cfg.style_name, tensors, metadata, thumbnail=thumbnail, overwrite=overwrite)
 
 
-def diffusion_loss(unet, noise_scheduler, latents, text_embeds, noise, timesteps, dtype=torch.float32) -> torch.Tensor:
-    """MSE between the UNet's prediction and its target (noise, or velocity for v-prediction)."""
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, one row per image: text embeddings and, for SDXL, its added conditioning.
+
+    SDXL's UNet also takes the pooled embedding of its second text encoder and six image-size ids
+    (original size, crop top-left, target size; SDXL paper section 2.2) as `added_cond_kwargs`.
+    """
+
+    text: torch.Tensor  # (n, tokens, width)
+    pooled: torch.Tensor | None = None  # SDXL: (n, width of text_encoder_2's projection)
+    time_ids: torch.Tensor | None = None  # SDXL: (n, 6)
+
+    def __getitem__(self, index) -> "Conditioning":
+        return Conditioning(*(None if t is None else t[index] for t in (self.text, self.pooled, self.time_ids)))
+
+    def to(self, device) -> "Conditioning":
+        return Conditioning(*(None if t is None else t.to(device) for t in (self.text, self.pooled, self.time_ids)))
+
+    def with_dropout(self, dropped: torch.Tensor, empty: "Conditioning") -> "Conditioning":
+        """Rows where `dropped` is set get the empty prompt's text embeddings, pooled one included; sizes stay."""
+        text = torch.where(dropped[:, None, None], empty.text, self.text)
+        pooled = None if self.pooled is None else torch.where(dropped[:, None], empty.pooled, self.pooled)
+        return Conditioning(text, pooled, self.time_ids)
+
+    def unet_kwargs(self, dtype: torch.dtype) -> dict:
+        """Keyword arguments of the UNet's forward call."""
+        kwargs = {"encoder_hidden_states": self.text.to(dtype)}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
+        return kwargs
+
+
+def diffusion_loss(unet, noise_scheduler, latents, cond, noise, timesteps, dtype=torch.float32) -> torch.Tensor:
+    """MSE between the UNet's prediction and its target (noise, or velocity for v-prediction).
+
+    `cond` is a Conditioning, or the text embeddings alone for an SD 1.x/2.x UNet.
+    """
+    cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    prediction = unet(noisy.to(dtype), timesteps, text_embeds.to(dtype)).sample
+    prediction = unet(noisy.to(dtype), timesteps, **cond.unet_kwargs(dtype)).sample
     return F.mse_loss(prediction.float(), target.float())
 
 
@@ -257,13 +297,58 @@ def diffusion_loss(unet, noise_scheduler, latents, text_embeds, noise, timesteps
 def encode_images(pipe, images) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the VAE's latent distribution for each image (on the CPU)."""
     vae = pipe.vae
+    # SDXL's VAE overflows in fp16 (its config says force_upcast): encode in fp32, as diffusers' SDXL
+    # LoRA script does. nn.Module.to, because diffusers 0.42's ModelMixin.to logs a warning on every
+    # dtype cast (its "modules to keep in fp32" check is true even when there are none).
+    upcast = vae.config.force_upcast and vae.dtype != torch.float32
+    dtype = vae.dtype
+    if upcast:
+        torch.nn.Module.to(vae, torch.float32)
     pixels = torch.stack([pipe.image_processor.preprocess(image)[0] for image in images])
     means, stds = [], []
-    for chunk in pixels.split(ENCODE_BATCH):
-        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
+    try:
+        for chunk in pixels.split(ENCODE_BATCH):
+            dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+    finally:
+        if upcast:
+            torch.nn.Module.to(vae, dtype)
     return torch.cat(means), torch.cat(stds)
+
+
+def encode_conditioning(pipe, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
+    """The UNet's conditioning for each prompt, with `sizes[i]` (width, height) the size of image i (on the CPU)."""
+    if pipe.unet.config.get("addition_embed_type") != "text_time":
+        return Conditioning(encode_prompts(pipe, prompts))
+    text, pooled = encode_sdxl_prompts(pipe, prompts)
+    return Conditioning(text, pooled, sdxl_time_ids(sizes))
+
+
+@torch.no_grad()
+def encode_sdxl_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text embeddings and pooled embeddings for each prompt (on the CPU).
+
+    The pipeline's own encode_prompt, as diffusers' train_text_to_image_lora_sdxl.py encodes them:
+    both encoders' penultimate hidden states side by side, and the second encoder's projection.
+    """
+    chunks = [
+        pipe.encode_prompt(prompts[i : i + ENCODE_BATCH], device=pipe.text_encoder_2.device, do_classifier_free_guidance=False)
+        for i in range(0, len(prompts), ENCODE_BATCH)
+    ]
+    text = torch.cat([chunk[0] for chunk in chunks])
+    pooled = torch.cat([chunk[2] for chunk in chunks])
+    return text.float().cpu(), pooled.float().cpu()
+
+
+def sdxl_time_ids(sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """SDXL's size ids per image, (original height, width, crop top, left, target height, width).
+
+    Our images arrive already cropped to the training size (trainer/data.py), so original = target
+    and crop = (0, 0): also what the pipeline passes when it generates at that size, so the style
+    is learned under the conditioning it is used with.
+    """
+    return torch.tensor([[height, width, 0, 0, height, width] for width, height in sizes], dtype=torch.float32)
 
 
 @torch.no_grad()
