@@ -13,6 +13,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from styles import formats
@@ -30,6 +31,12 @@ def check_style_name(name: str) -> str:
             "starting with a letter or digit."
         )
     return name
+
+
+def safe_style_name(text: str) -> str:
+    """A valid style name made from free text (e.g. a file name): unsafe characters become '-'."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")[:64]
+    return name or "imported"
 
 
 @dataclass
@@ -125,6 +132,29 @@ class StyleLibrary:
             thumbnail.save(buffer, format="PNG")
             formats.write_bytes_atomic(path.with_suffix(THUMB_SUFFIX), buffer.getvalue())
         return formats.write_atomic(path, tensors, metadata)
+
+    def import_file(self, source: str | Path, name: str, layout: formats.UnetLayout, family: str) -> tuple[StyleInfo, list[str]]:
+        """Import a diffusers, PEFT or kohya LoRA file as a style; return it and notes on what was left out.
+
+        The file is checked against the base model (`layout`) before anything is written; the style
+        file is then written whole, and an existing style is never replaced.
+        """
+        check_style_name(name)
+        self.ensure_free(name)
+        adapter = formats.import_adapter(source, layout)
+        ours = formats.style_info(adapter.metadata)  # a file we exported keeps how it was made
+        info = {
+            "trigger": ours.get("trigger", ""),
+            "base_model": ours.get("base_model") or adapter.metadata.get("ss_sd_model_name", ""),
+            "family": family,
+            "unet_hash": ours.get("unet_hash", ""),
+            "created": ours.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": ours.get("config") or json.dumps({"rank": adapter.rank, "alpha": adapter.alpha}),
+            "imported_from": f"{Path(source).name} ({adapter.source_format})",
+        }
+        tensors, metadata = formats.encode_style(adapter.tensors, adapter.rank, adapter.alpha, adapter.target_modules, info)
+        self.save(name, tensors, metadata)
+        return self.get(name), adapter.notes
 
     def rename(self, old: str, new: str) -> StyleInfo:
         source, target = self.get(old).path, self.path_for(new)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from styles import formats
@@ -45,3 +46,171 @@ def test_header_is_read_without_loading_tensors_and_garbage_is_refused(library, 
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match="not a safetensors file"):
             formats.read_header(tmp_path / name)
+
+
+# -- kohya layout and imports -----------------------------------------------------------------------
+
+PROMPT = dict(prompt="a red circle", num_inference_steps=6, output_type="np")
+
+
+def draw(pipe, seed: int = 4):
+    return pipe(**PROMPT, generator=torch.Generator().manual_seed(seed)).images
+
+
+def stock_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.embedded import MODEL_DIR
+
+    return StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)
+
+
+def kohya_file(style_path, tmp_path, family_naming: str = "sd1"):
+    """Our style written in the kohya layout (as Studio.export does), optionally with SDXL's block names."""
+    from styles import kohya
+
+    tensors, metadata = formats.to_kohya(style_path, layers_per_block=1)
+    if family_naming == "sdxl":
+        style, _ = formats.read_style(style_path)
+        modules = {k[5:-14]: (v, style[k.replace("lora_A", "lora_B")]) for k, v in style.items() if k.endswith("lora_A.weight")}
+        tensors = kohya.export(modules, float(metadata["ss_network_alpha"]), "sdxl", layers_per_block=1)
+    return formats.write_atomic(tmp_path / f"kohya_{family_naming}.safetensors", tensors, metadata)
+
+
+def test_kohya_export_keeps_the_trained_alpha_and_stock_diffusers_draws_what_we_draw(library, base, tmp_path):
+    style = train_style(library, "ink", seed=3, rank=4, alpha=12.0).path
+    exported = kohya_file(style, tmp_path)
+    metadata, table = formats.read_header(exported)
+    assert all(key.startswith("lora_unet_") for key in table)
+    alphas = [value for key, value in safetensors.torch.load_file(exported).items() if key.endswith(".alpha")]
+    assert alphas and all(float(a) == 12.0 for a in alphas)  # diffusers' own converter would write 4 (the rank)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "12"
+
+    blender = Blender(base, library)
+    blender.apply({"ink": 1.0})
+    ours = draw(base.pipe)
+    stock = stock_pipeline()
+    stock.load_lora_weights(str(exported))  # diffusers' own kohya loader, as a user would call it
+    assert np.abs(draw(stock) - ours).max() < TOLERANCE
+    assert np.abs(draw(stock_pipeline()) - ours).max() > 1e-3  # the style really is applied
+
+
+def test_sdxl_block_names_are_the_ones_diffusers_maps_back(library, base, tmp_path):
+    """SDXL files use the original UNet's flat block numbers; diffusers' own SGM mapping must undo ours."""
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    style = train_style(library, "ink", seed=3, rank=4).path
+    diffusers_names = safetensors.torch.load_file(kohya_file(style, tmp_path, "sd1"))
+    sgm_names = safetensors.torch.load_file(kohya_file(style, tmp_path, "sdxl"))
+    assert sgm_names.keys() != diffusers_names.keys() and any("input_blocks" in k for k in sgm_names)
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(sgm_names), base.pipe.unet.config)
+    # diffusers renumbers the blocks here and renames input/middle/output later, in _convert_unet_lora_key
+    renames = {"input_blocks": "down_blocks", "middle_block": "mid_block", "output_blocks": "up_blocks"}
+    renamed = set()
+    for key in mapped:
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        renamed.add(key)
+    assert renamed == set(diffusers_names)
+    # ...and our import reads the SGM spelling onto the same modules.
+    layout = formats.UnetLayout.of(base.pipe.unet)
+    info, _ = library.import_file(tmp_path / "kohya_sdxl.safetensors", "ink-sgm", layout, base.family)
+    assert formats.read_style(info.path)[0].keys() == formats.read_style(style)[0].keys()
+
+
+def test_an_imported_kohya_file_blends_like_the_native_style(library, base, tmp_path):
+    style = train_style(library, "ink", seed=3, rank=4, alpha=12.0).path
+    exported = kohya_file(style, tmp_path)
+    info, notes = library.import_file(exported, "ink-again", formats.UnetLayout.of(base.pipe.unet), base.family)
+    assert notes == [] and info.config["rank"] == 4 and info.config["alpha"] == 12.0
+    blender = Blender(base, library)
+    for scale in (1.0, 0.5, -0.7):
+        blender.apply({"ink": scale})
+        native = draw(base.pipe)
+        blender.apply({"ink-again": scale})
+        assert np.abs(draw(base.pipe) - native).max() < TOLERANCE
+
+
+def test_import_keeps_the_unet_attention_part_and_reports_the_rest(library, base, tmp_path):
+    """A kohya file that also trains the text encoder, a convolution and per-module ranks and alphas."""
+    style = train_style(library, "ink", seed=3, rank=4, alpha=4.0).path
+    tensors = safetensors.torch.load_file(kohya_file(style, tmp_path))
+    # Make one module rank 2 with alpha 1: the same update as B @ A * (1 / 2).
+    key = next(k[: -len(".lora_down.weight")] for k in tensors if k.endswith("attn2_to_k.lora_down.weight"))
+    down, up = tensors[key + ".lora_down.weight"], tensors[key + ".lora_up.weight"]
+    tensors[key + ".lora_down.weight"], tensors[key + ".lora_up.weight"] = down[:2].clone(), up[:, :2].clone() * 2
+    tensors[key + ".alpha"] = torch.tensor(1.0)
+    extra = {
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (torch.randn(4, 128), torch.randn(128, 4)),
+        "lora_unet_down_blocks_0_resnets_0_conv1": (torch.randn(4, 64, 3, 3), torch.randn(64, 4, 1, 1)),
+    }
+    for name, (d, u) in extra.items():
+        tensors |= {name + ".lora_down.weight": d, name + ".lora_up.weight": u, name + ".alpha": torch.tensor(4.0)}
+    mixed = tmp_path / "mixed.safetensors"
+    safetensors.torch.save_file(tensors, mixed)
+
+    info, notes = library.import_file(mixed, "mixed", formats.UnetLayout.of(base.pipe.unet), base.family)
+    text = " ".join(notes)
+    assert "1 text-encoder" in text and "1 other UNet module" in text and "padded to rank 4" in text
+    expected = safetensors.torch.load_file(style)
+    up_key = [k for k in expected if "attn2.to_k.lora_B" in k and k.startswith("unet." + key[10:].split("_attentions")[0].replace("_", "."))]
+    imported = safetensors.torch.load_file(info.path)
+    for k in up_key:  # the halved rank-2 module keeps its strength: B' = B * alpha / rank, padded with zeros
+        assert torch.allclose(imported[k][:, :2], expected[k][:, :2]) and not imported[k][:, 2:].any()
+
+
+def test_peft_and_old_diffusers_layouts_import(library, base, tmp_path):
+    style = train_style(library, "ink", seed=3, rank=4).path
+    tensors = safetensors.torch.load_file(style)
+    peft_raw = {"base_model.model." + k[len("unet."):]: v for k, v in tensors.items()}
+    old = {}
+    for k, v in tensors.items():
+        module, part = k[: -len(".lora_A.weight")], "down" if ".lora_A." in k else "up"
+        head, proj = module.rsplit(".", 1) if not module.endswith("to_out.0") else (module[: -len(".to_out.0")], "to_out")
+        old[f"{head}.processor.{proj}_lora.{part}.weight"] = v
+    layout = formats.UnetLayout.of(base.pipe.unet)
+    for name, content in [("peft-raw", peft_raw), ("old-diffusers", old)]:
+        safetensors.torch.save_file(content, tmp_path / f"{name}.safetensors")
+        info, notes = library.import_file(tmp_path / f"{name}.safetensors", name, layout, base.family)
+        assert any("alpha = rank assumed" in n for n in notes)
+        assert formats.read_style(info.path)[0].keys() == tensors.keys()
+
+
+def hostile_adapters(tmp_path, good: dict):
+    """(file, expected words in the message) for adapter files that must be refused before loading."""
+    key_a = next(k for k in good if k.endswith("to_q.lora_A.weight"))
+    cases = {
+        "model.ckpt": (b"\x80\x04not really", "pickle"),
+        "adapter.bin": (b"\x80\x04", "pickle"),
+        "notes.txt": (b"hello", "not a .safetensors file"),
+        "truncated.safetensors": (None, "not a safetensors file"),
+        "nan.safetensors": ({**good, key_a: torch.full_like(good[key_a], float("nan"))}, "NaN"),
+        "shape.safetensors": ({**good, key_a: torch.zeros(4, 77)}, "shapes"),
+        "sdxl.safetensors": ({"unet.down_blocks.5.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8),
+                              "unet.down_blocks.5.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 4)}, "another model family"),
+        "rank.safetensors": ({k: torch.zeros(600, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 600) for k, v in good.items()}, "rank 600"),
+        "loha.safetensors": ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "LoHa"),
+        "ints.safetensors": ({key_a: torch.zeros(4, 4, dtype=torch.int64)}, "not a float tensor"),
+        "te-only.safetensors": ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 128),
+                                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(128, 4)}, "nothing to import"),
+    }
+    for name, (content, words) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is None:
+            path.write_bytes(safetensors.torch.save(good)[:200])
+        else:
+            safetensors.torch.save_file(content, path)
+        yield path, words
+
+
+def test_hostile_adapter_files_are_refused_with_the_reason_and_nothing_is_written(library, base, tmp_path):
+    style = train_style(library, "ink", seed=3, rank=4).path
+    good = safetensors.torch.load_file(style)
+    layout = formats.UnetLayout.of(base.pipe.unet)
+    before = sorted(library.root.iterdir())
+    for path, words in hostile_adapters(tmp_path, good):
+        with pytest.raises(ValueError, match=words):
+            library.import_file(path, "hostile", layout, base.family)
+    assert sorted(library.root.iterdir()) == before  # no style, no temporary file
