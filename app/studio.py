@@ -11,14 +11,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from styles import formats
 from styles.blend import Blender, save_png
-from styles.library import StyleLibrary
+from styles.library import StyleLibrary, check_style_name, safe_style_name
 from trainer.base import load_base
-from styles.library import check_style_name
 from trainer.config import DEFAULT_PRESET, make_config, read_settings, write_settings
 from trainer.data import UploadLimits, ingest
 from trainer.examples import EXAMPLES
 from trainer.jobs import JobManager, JobRecord, Progress
+
+EXPORT_LAYOUTS = ("kohya", "diffusers")  # the first is the default download
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Studio:
         for folder in (self.outputs, self.exports):
             folder.mkdir(parents=True, exist_ok=True)
         self.base = load_base(model)
+        # What imported adapters must fit, read once before any style wraps the UNet's layers.
+        self.layout = formats.UnetLayout.of(self.base.pipe.unet)
         self.blender = Blender(self.base, self.library)
         self.jobs = JobManager(self.workspace, model).start()  # one training job at a time, in a child process
 
@@ -120,12 +124,34 @@ class Studio:
     def list_styles(self) -> list[dict]:
         return [info.summary() for info in self.library.list()]
 
-    def export(self, name: str) -> Path:
-        """A download copy of the style in the diffusers layout (stock load_lora_weights reads it)."""
+    def export(self, name: str, layout: str = "kohya") -> Path:
+        """A download copy of a style: the kohya layout (A1111, ComfyUI and diffusers load it) or diffusers'.
+
+        Each layout has its own folder, so the file keeps the style's name (A1111 calls a LoRA by
+        its file name) and one layout's export never overwrites the other's.
+        """
+        if layout not in EXPORT_LAYOUTS:
+            raise ValueError(f"Unknown export layout {layout!r}; choose one of {', '.join(EXPORT_LAYOUTS)}.")
         source = self.library.get(name).path
-        target = self.exports / f"{name}.safetensors"
-        shutil.copyfile(source, target)
+        target = self.exports / layout / f"{name}.safetensors"
+        target.parent.mkdir(exist_ok=True)
+        if layout == "kohya":
+            tensors, metadata = formats.to_kohya(source, self.layout.layers_per_block)
+            formats.write_atomic(target, tensors, metadata)
+        else:
+            formats.write_bytes_atomic(target, source.read_bytes())
         return target
+
+    def import_style(self, path: str | Path, name: str = "") -> tuple[str, list[str]]:
+        """Import a LoRA made elsewhere (diffusers, PEFT or kohya .safetensors) as a style.
+
+        Returns (style name, notes on what was left out). The name defaults to the file's stem,
+        made safe; an existing style is never replaced.
+        """
+        path = Path(path)
+        name = name.strip() if name and name.strip() else safe_style_name(path.stem)
+        info, notes = self.library.import_file(path, name, self.layout, self.base.family)
+        return info.name, notes
 
     def rename(self, old: str, new: str) -> None:
         self.library.rename(old, new)

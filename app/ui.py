@@ -262,9 +262,18 @@ def build_ui(studio: Studio) -> gr.Blocks:
         return studio.list_styles()
 
     @user_errors
-    def export_style(name):
-        """Download a style as .safetensors (diffusers layout: stock load_lora_weights reads it)."""
-        return str(studio.export(name))
+    def export_style(name, layout="kohya"):
+        """Download a style as .safetensors: layout 'kohya' (A1111, ComfyUI, diffusers) or 'diffusers' (diffusers/PEFT)."""
+        return str(studio.export(name, layout))
+
+    @user_errors
+    def import_style(file, name=""):
+        """Import a LoRA made elsewhere (kohya, diffusers or PEFT .safetensors) as a style; returns a message."""
+        if not file:
+            raise ValueError("Choose a .safetensors LoRA file to import.")
+        imported, notes = studio.import_style(file, name or "")
+        left_out = "".join(f"\n- {note}" for note in notes)
+        return f"Imported **{imported}**." + (f" Left out:{left_out}" if left_out else "")
 
     @user_errors
     def delete_style(name):
@@ -379,8 +388,17 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 new_name = gr.Textbox(label="New name")
                 rename_button = gr.Button("Rename")
                 delete_button = gr.Button("Delete", variant="stop")
+                export_layout = gr.Radio(
+                    [("kohya (A1111, ComfyUI, diffusers)", "kohya"), ("diffusers / PEFT", "diffusers")],
+                    value="kohya", label="Download layout",
+                )
                 export_button = gr.Button("Download .safetensors")
             download = gr.File(label="Download")
+            with gr.Row():
+                import_file = gr.File(label="Import a LoRA made elsewhere (.safetensors: kohya, diffusers or PEFT)",
+                                      type="filepath")  # any suffix: a .ckpt gets our message, not a bare refusal
+                import_name = gr.Textbox(label="Name for it (default: the file's name)")
+                import_button = gr.Button("Import")
             styles_message = gr.Markdown(label="Message")
 
         refresh_outputs = [slider_values, known_names, blend, table, thumbs, picker]
@@ -420,7 +438,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
             generate, [prompt, negative, seed, steps, guidance, width, height, blend], [gallery, info], api_name="generate"
         )
         gr.api(list_styles, api_name="list_styles")
-        export_button.click(export_style, [picker], [download], api_name="export_style")
+        export_button.click(export_style, [picker, export_layout], [download], api_name="export_style")
+        import_button.click(import_style, [import_file, import_name], [styles_message], api_name="import_style").then(**refresh_args)
         delete_button.click(delete_style, [picker], [styles_message], api_name="delete_style").then(**refresh_args)
         rename_button.click(rename_style, [picker, new_name], [styles_message], api_name="rename_style").then(**refresh_args)
     return demo

@@ -86,8 +86,9 @@ def test_upload_train_generate_blend_export_delete(app, uploads, tmp_path):
     recipe = json.loads(blended.text["style_studio"])
     assert recipe["styles"] == {"zigzag": 0.8, "pastel": -0.5} and recipe["seed"] == 7
 
-    # Export: a diffusers-layout safetensors that stock diffusers loads.
+    # Export: a kohya-layout safetensors (the default download) that stock diffusers loads...
     exported = client.predict(name="zigzag", api_name="/export_style")
+    assert Path(exported).name == "zigzag.safetensors"  # A1111 calls a LoRA by its file name
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -98,10 +99,18 @@ def test_upload_train_generate_blend_export_delete(app, uploads, tmp_path):
     pipe.load_lora_weights(exported)
     styled = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np").images
     assert pipe.get_list_adapters()["unet"] and np.abs(styled - plain).max() > 1e-3
+    # ...and that imports back as a style which draws what the original draws.
+    message = client.predict(file=handle_file(exported), name="zigzag-back", api_name="/import_style")
+    assert "Imported **zigzag-back**" in message
+    again, _ = generate({"zigzag-back": 0.8, "pastel": -0.5})
+    assert np.abs(np.asarray(again, dtype=int) - np.asarray(blended, dtype=int)).max() <= 1
+    with pytest.raises(Exception, match="pickle"):  # a pickle is refused with the reason, never opened
+        client.predict(file=handle_file(str(_pickle(tmp_path))), name="evil", api_name="/import_style")
+    assert "zigzag-back" in [s["name"] for s in client.predict(api_name="/list_styles")]
 
     # Delete, and the style is gone from the list and from generation.
     assert "Deleted" in client.predict(name="pastel", api_name="/delete_style")
-    assert [s["name"] for s in client.predict(api_name="/list_styles")] == ["zigzag"]
+    assert [s["name"] for s in client.predict(api_name="/list_styles")] == ["zigzag", "zigzag-back"]
     with pytest.raises(Exception, match="Unknown style"):
         client.predict(prompt="x", styles={"pastel": 1}, api_name="/generate")
 
@@ -207,3 +216,10 @@ def test_presets_save_as_toml_and_load_back(app):
         client.predict(preset_name="../evil", api_name="/save_preset")
     with pytest.raises(Exception, match="No saved preset named 'nope'"):
         client.predict(preset_name="nope", api_name="/load_preset")
+
+
+def _pickle(folder: Path) -> Path:
+    """A .ckpt whose unpickling would run code: it must be refused unread."""
+    path = folder / "evil.ckpt"
+    path.write_bytes(b"cos\nsystem\n(S'touch /tmp/style-studio-pwned'\ntR.")
+    return path
