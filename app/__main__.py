@@ -19,6 +19,7 @@ def main(argv=None) -> None:
     defaults = UploadLimits()
     parser = argparse.ArgumentParser(prog="python -m app", description="Style Studio: train and blend image styles.")
     parser.add_argument("--model", default=None, help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded tiny model)")
+    parser.add_argument("--model-config", default=None, help="for a single-file --model offline: a diffusers folder or cached hub id with its configs")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="folder for styles, outputs and exports")
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
 
     diffusers_logging.set_verbosity_error()  # per-adapter "missing keys" notes are expected when several styles load
     try:
-        studio = Studio(args.workspace, args.model, limits=limits)
+        studio = Studio(args.workspace, args.model, limits=limits, model_config=args.model_config)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
     demo = build_ui(studio)

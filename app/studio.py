@@ -33,7 +33,8 @@ class Generated:
 class Studio:
     """One workspace, one base model, one blender; training runs in child processes."""
 
-    def __init__(self, workspace: str | Path, model: str | None = None, limits: UploadLimits | None = None):
+    def __init__(self, workspace: str | Path, model: str | None = None, limits: UploadLimits | None = None,
+                 model_config: str | None = None):
         self.workspace = Path(workspace).resolve()
         self.model = model
         self.limits = limits or UploadLimits()  # caps on each upload (files, bytes, pixels)
@@ -43,11 +44,11 @@ class Studio:
         self.presets = self.workspace / "presets"
         for folder in (self.outputs, self.exports):
             folder.mkdir(parents=True, exist_ok=True)
-        self.base = load_base(model)
+        self.base = load_base(model, model_config=model_config)
         # What imported adapters must fit, read once before any style wraps the UNet's layers.
         self.layout = formats.UnetLayout.of(self.base.pipe.unet)
         self.blender = Blender(self.base, self.library)
-        self.jobs = JobManager(self.workspace, model).start()  # one training job at a time, in a child process
+        self.jobs = JobManager(self.workspace, model, model_config).start()  # one training job at a time, in a child process
 
     # -- train ---------------------------------------------------------------------------
     def submit(self, sources: list[str], preset: str, **settings) -> str:

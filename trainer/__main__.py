@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override one field, e.g. --set steps=100 (value parsed as JSON when it can be)")
     parser.add_argument("--model", default=None, help="base model (default: the embedded tiny model)")
+    parser.add_argument("--model-config", default=None, help="for a single-file --model offline: a diffusers folder or cached hub id with its configs")
     parser.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     parser.add_argument("--resume", action="store_true", help="continue this style's interrupted run from its newest checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
                 f"An earlier run of {cfg.style_name!r} left checkpoints in {checkpoints.folder}: "
                 "add --resume to continue it, or delete that folder to start over."
             )
-        base = load_base(args.model, cfg.precision)
+        base = load_base(args.model, cfg.precision, args.model_config)
         images = ingest(args.images, cfg.resolution or base.resolution)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -74,14 +74,15 @@ class TrainingJob:
     >>> for event in job.events(): print(event)                                              # doctest: +SKIP
     """
 
-    def __init__(self, cfg: TrainConfig, model: str | None, workspace: str | Path, job_dir: str | Path, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, model: str | None, workspace: str | Path, job_dir: str | Path, resume: bool = False,
+                 model_config: str | None = None):
         cfg.validate()
         context = mp.get_context("spawn")  # a fresh interpreter: no state shared with the web server
         self._events = context.Queue()
         self._stop = context.Event()
         self._process = context.Process(
             target=_run,
-            args=(cfg.to_dict(), model, str(workspace), str(job_dir), resume, self._events, self._stop, os.getpid()),
+            args=(cfg.to_dict(), model, model_config, str(workspace), str(job_dir), resume, self._events, self._stop, os.getpid()),
             daemon=True,
         )
 
@@ -127,7 +128,7 @@ class TrainingJob:
         return self._process.exitcode
 
 
-def _run(cfg_dict, model, workspace, job_dir, resume, events, stop, parent_pid) -> None:
+def _run(cfg_dict, model, model_config, workspace, job_dir, resume, events, stop, parent_pid) -> None:
     """Child process body: every outcome, including an exception, ends as an event."""
     _stop_when_orphaned(parent_pid, stop)
     try:
@@ -138,7 +139,7 @@ def _run(cfg_dict, model, workspace, job_dir, resume, events, stop, parent_pid) 
         from trainer.train import train
 
         cfg = TrainConfig.from_dict(cfg_dict)
-        base = load_base(model, cfg.precision)
+        base = load_base(model, cfg.precision, model_config)
         images = ingest(Path(job_dir) / "images", cfg.resolution or base.resolution)
         checkpoints = CheckpointDir(Path(job_dir) / "checkpoints", cfg.keep_checkpoints)
         log_dir = Path(job_dir) / "logs"  # TensorBoard, when installed: tensorboard --logdir workspace/jobs
@@ -167,11 +168,11 @@ class JobManager:
     >>> for record, progress in jobs.follow(job_id): ...  # doctest: +SKIP
     """
 
-    def __init__(self, workspace: str | Path, model: str | None = None):
+    def __init__(self, workspace: str | Path, model: str | None = None, model_config: str | None = None):
         self.workspace = Path(workspace)
         self.root = self.workspace / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.model = model
+        self.model, self.model_config = model, model_config  # model_config: configs for a single-file model
         self.library = StyleLibrary(self.workspace)
         self._lock = threading.Condition()
         self._records: dict[str, JobRecord] = {}
@@ -341,7 +342,8 @@ class JobManager:
                 record = queued[0]
                 record.state, record.started, record.message = "running", time.time(), "Starting…"
                 self._write(record)
-                job = TrainingJob(TrainConfig.from_dict(record.config), record.model, self.workspace, self._dir(record.id), record.resume)
+                job = TrainingJob(TrainConfig.from_dict(record.config), record.model, self.workspace, self._dir(record.id), record.resume,
+                                  self.model_config)
                 self._running, self._running_id = job, record.id
             try:
                 job.start()
