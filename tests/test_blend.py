@@ -1,27 +1,81 @@
-"""Blending semantics: zero scales are the base model bit for bit; a scale s adds s*(alpha/r)*B@A; styles add."""
+"""Blending semantics: zero scales are the base model bit for bit; a scale s adds s*(alpha/r)*B@A; styles add.
+
+Both ways of blending must keep them: fused (the default; the blend written into the weights once
+per change of scales, issue 5) and unfused (diffusers' set_adapters, every LoRA branch every step).
+"""
 
 from __future__ import annotations
+
+import os
+import random
+import shutil
+import threading
 
 import numpy as np
 import pytest
 import torch
 
 from styles import formats
-from styles.blend import Blender
+from styles.blend import Blender, _delta_fp32
+from styles.library import StyleLibrary
 from tests.conftest import train_style
 
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
 
 
-@pytest.fixture
-def blender(library, base):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """ink and pastel, trained once per module: training is what makes these tests slow."""
+    library = StyleLibrary(tmp_path_factory.mktemp("trained"))
     train_style(library, "ink", seed=1, rank=4, alpha=8.0)  # alpha != rank on purpose
     train_style(library, "pastel", seed=2, rank=8)
+    return library
+
+
+@pytest.fixture
+def blender(library, base, trained):
+    for name in trained.names():
+        shutil.copy(trained.path_for(name), library.path_for(name))
     return Blender(base, library)
+
+
+@pytest.fixture
+def base_weights(base):
+    """The base model's weights, taken before any style touches the UNet."""
+    return _base_weights(base.pipe.unet)
+
+
+@pytest.fixture(params=[True, False], ids=["fused", "unfused"])
+def fuse(request):
+    return request.param
 
 
 def _image(blender, styles, seed=5):
     return np.asarray(blender.generate("a red circle", seed=seed, steps=8, styles=styles)[0])
+
+
+def _float_image(blender, styles, seed=5):
+    """The image before it is rounded to 8 bits, so that small float differences show."""
+    blender.apply(styles)
+    generator = torch.Generator().manual_seed(seed)
+    return blender.base.pipe("a red circle", num_inference_steps=8, generator=generator, output_type="np").images[0]
+
+
+def _base_weights(unet):
+    """The UNet's base weights by their plain names (peft's wrapping and LoRA weights left out)."""
+    return {
+        name.replace(".base_layer", ""): tensor.clone()
+        for name, tensor in unet.state_dict().items()
+        if "lora_" not in name
+    }
+
+
+def _assert_base_weights(blender, base_weights):
+    """Every base weight equals the base model's, bit for bit."""
+    now = _base_weights(blender.base.pipe.unet)
+    assert now.keys() == base_weights.keys()
+    changed = [name for name in now if not torch.equal(now[name], base_weights[name])]
+    assert not changed, f"{len(changed)} weights differ from the base model's, e.g. {changed[:3]}"
 
 
 def _lora_delta(library, name):
@@ -32,14 +86,15 @@ def _lora_delta(library, name):
     return config["lora_alpha"] / config["r"] * b @ a
 
 
-def _layer_delta(blender, x):
-    """What the LoRA layers of LAYER add to its output for input x."""
+def _layer_delta(blender, base_weights, x):
+    """What LAYER now adds to the base model's output for x, through LoRA branches or fused weights."""
     layer = blender.base.pipe.unet.get_submodule(LAYER)
     with torch.no_grad():
-        return layer(x) - layer.base_layer(x)
+        return layer(x) - torch.nn.functional.linear(x, base_weights[f"{LAYER}.weight"])  # to_v has no bias
 
 
-def test_all_scales_zero_is_the_base_model_bit_for_bit(blender):
+def test_all_scales_zero_is_the_base_model_bit_for_bit(blender, fuse):
+    blender.fuse = fuse
     base_image = _image(blender, {})
     assert np.array_equal(_image(blender, {"ink": 0.0, "pastel": 0.0}), base_image)
     assert not np.array_equal(_image(blender, {"ink": 1.0}), base_image)
@@ -47,18 +102,20 @@ def test_all_scales_zero_is_the_base_model_bit_for_bit(blender):
 
 
 @pytest.mark.parametrize("scale", [-2.0, -0.5, 0.5, 1.0, 1.7])
-def test_a_style_adds_scale_times_alpha_over_rank_times_BA(blender, library, scale):
+def test_a_style_adds_scale_times_alpha_over_rank_times_BA(blender, library, base_weights, fuse, scale):
+    blender.fuse = fuse
     x = torch.randn(3, blender.base.pipe.unet.get_submodule(LAYER).in_features, generator=torch.Generator().manual_seed(0))
     blender.apply({"ink": scale})
     expected = x @ (scale * _lora_delta(library, "ink")).T
-    torch.testing.assert_close(_layer_delta(blender, x), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_layer_delta(blender, base_weights, x), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_two_styles_add(blender, library):
+def test_two_styles_add(blender, library, base_weights, fuse):
+    blender.fuse = fuse
     x = torch.randn(2, blender.base.pipe.unet.get_submodule(LAYER).in_features, generator=torch.Generator().manual_seed(1))
     blender.apply({"ink": 0.7, "pastel": -1.2})
     expected = x @ (0.7 * _lora_delta(library, "ink") - 1.2 * _lora_delta(library, "pastel")).T
-    torch.testing.assert_close(_layer_delta(blender, x), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_layer_delta(blender, base_weights, x), expected, rtol=1e-4, atol=1e-6)
     # Image level: two styles differ from either alone.
     both, ink = _image(blender, {"ink": 1, "pastel": 1}), _image(blender, {"ink": 1})
     assert not np.array_equal(both, ink)
@@ -67,6 +124,8 @@ def test_two_styles_add(blender, library):
 def test_unknown_style_and_bad_scale_are_refused_before_anything_changes(blender):
     blender.apply({"ink": 1.0})
     active_before = blender.base.pipe.get_active_adapters()
+    weight = blender.base.pipe.unet.get_submodule(LAYER).base_layer.weight
+    writes_before = weight._version  # bumped by every in-place write
     with pytest.raises(ValueError, match=r"Unknown style\(s\): nope. Available styles: ink, pastel"):
         blender.apply({"nope": 1.0, "pastel": 1.0})
     with pytest.raises(ValueError, match="between -2.0 and 2.0"):
@@ -74,6 +133,7 @@ def test_unknown_style_and_bad_scale_are_refused_before_anything_changes(blender
     with pytest.raises(ValueError, match="must be a number"):
         blender.apply({"pastel": "lots"})
     assert blender.base.pipe.get_active_adapters() == active_before
+    assert weight._version == writes_before
 
 
 def test_deleted_and_retrained_styles_are_picked_up_live(blender, library):
@@ -98,16 +158,136 @@ def test_generated_images_carry_their_recipe(blender, tmp_path):
 
 
 def test_training_on_the_blenders_base_works_after_every_scale_was_zero(blender, library):
-    """Generating with all scales at 0 switches LoRA layers off; a training run on that base must still learn."""
+    """Generating with all scales at 0 switches LoRA layers off; a training run on that base must still learn.
+
+    Training switches LoRA layers on again: the blender must switch them off, or a fused style
+    would be added twice (once in the weights, once through its branch)."""
     from trainer.config import make_config
     from trainer.data import ImageSet
     from trainer.events import Finished
     from trainer.train import train
     from tests.conftest import pattern_image
 
-    _image(blender, {"ink": 1.0})
-    _image(blender, {"ink": 0.0})  # disable_lora()
+    ink = _image(blender, {"ink": 1.0})
+    base_image = _image(blender, {"ink": 0.0})  # disable_lora()
     cfg = make_config("Quick", style_name="after", steps=3, num_samples=0)
     events = list(train(cfg, ImageSet([pattern_image(9)], [None], ["a"]), blender.base, library))
     assert isinstance(events[-1], Finished), events[-1]
     assert "after" in library.names()
+    assert np.array_equal(_image(blender, {"ink": 0.0}), base_image)  # the same scales: nothing to fuse
+    assert np.array_equal(_image(blender, {"ink": 1.0}), ink)
+    assert np.array_equal(_image(blender, {"ink": 1.0}), ink)  # and again, with no change in between
+
+
+# -- fused blending (issue 5) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "styles",
+    [{"ink": 0.8}, {"ink": -1.3}, {"ink": 0.7, "pastel": -1.2}, {"ink": 1.5, "pastel": 0.4}],
+    ids=["one", "one-negative", "two-mixed", "two-positive"],
+)
+def test_fused_images_equal_unfused_images(blender, styles):
+    """Same seed, same styles: fusing only reorders float arithmetic, so the images agree closely."""
+    blender.fuse = False
+    unfused, unfused_8bit = _float_image(blender, styles), _image(blender, styles)
+    blender.fuse = True
+    fused, fused_8bit = _float_image(blender, styles), _image(blender, styles)
+    np.testing.assert_allclose(fused, unfused, rtol=0, atol=1e-4)
+    assert np.abs(fused_8bit.astype(int) - unfused_8bit).max() <= 1
+    assert not np.array_equal(fused, _float_image(blender, {}))  # the styles do show
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_after_many_slider_moves_all_zero_is_the_base_bit_for_bit(library, trained, precision):
+    """Restoring copies the kept originals back; undoing by subtraction would drift, most in bf16."""
+    from trainer.base import load_base
+
+    base = load_base(precision=precision)
+    for name in trained.names():
+        shutil.copy(trained.path_for(name), library.path_for(name))
+    blender, base_weights = Blender(base, library), _base_weights(base.pipe.unet)
+    base_image = _image(blender, {})
+    rng = random.Random(0)
+    for _ in range(50):
+        blender.apply({name: rng.choice([0.0, round(rng.uniform(-2, 2), 2)]) for name in ("ink", "pastel")})
+    assert not np.array_equal(_image(blender, {"ink": 1.2, "pastel": -0.7}), base_image)
+    assert np.array_equal(_image(blender, {"ink": 0, "pastel": 0}), base_image)
+    _assert_base_weights(blender, base_weights)
+
+
+def test_lora_branches_do_not_run_while_fused(blender):
+    blender.apply({"ink": 1.0, "pastel": -0.5})  # loads the styles: now their LoRA layers exist
+    calls = []
+    for name, module in blender.base.pipe.unet.named_modules():
+        if name.endswith(("lora_A.ink", "lora_A.pastel")):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    _image(blender, {"ink": 1.0, "pastel": -0.5})
+    assert not calls
+    blender.fuse = False
+    _image(blender, {"ink": 1.0, "pastel": -0.5})
+    assert calls  # the hooks do see the branches when they run
+
+
+def test_the_same_scales_again_write_nothing(blender):
+    first = _image(blender, {"ink": 0.5})
+    weight = blender.base.pipe.unet.get_submodule(LAYER).base_layer.weight
+    writes = weight._version  # bumped by every in-place write
+    assert np.array_equal(_image(blender, {"ink": 0.5, "pastel": 0}), first)
+    assert weight._version == writes
+    blender.apply({"ink": 0.6})
+    assert weight._version > writes
+
+
+def test_a_style_file_replaced_on_disk_is_picked_up(blender, library, base_weights):
+    """Restore, reload, fuse: ink's file replaced by pastel's then draws pastel, and the base comes back."""
+    ink, pastel = _image(blender, {"ink": 1.0}), _image(blender, {"pastel": 1.0})
+    _image(blender, {"ink": 1.0})  # ink fused when its file changes
+    shutil.copy(library.path_for("pastel"), library.path_for("ink"))
+    now = library.get("ink").mtime
+    os.utime(library.path_for("ink"), (now + 10, now + 10))  # a different mtime even on a coarse clock
+    replaced = _image(blender, {"ink": 1.0})
+    assert np.array_equal(replaced, pastel) and not np.array_equal(replaced, ink)
+    blender.apply({})
+    _assert_base_weights(blender, base_weights)
+
+
+def test_a_failed_fuse_leaves_the_base_model(blender, base_weights, monkeypatch):
+    calls = []
+
+    def failing(layer, adapter):
+        calls.append(adapter)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("no room for the blend")
+        return _delta_fp32(layer, adapter)
+
+    blender.apply({"pastel": 1.0})
+    monkeypatch.setattr("styles.blend._delta_fp32", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        blender.apply({"ink": 1.0})
+    _assert_base_weights(blender, base_weights)
+    monkeypatch.undo()
+    assert blender.apply({"pastel": 1.0}) == {"pastel": 1.0}  # and it fuses again afterwards
+    assert not np.array_equal(_image(blender, {"pastel": 1.0}), _image(blender, {}))
+
+
+def test_generations_from_several_threads_each_get_their_own_blend(blender):
+    """The lock holds a blend in the weights for a whole generation: no thread sees another's."""
+    blends = [{"ink": 1.0}, {"pastel": -1.0}, {}]
+    expected = [_image(blender, styles) for styles in blends]
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            results[i] = [_image(blender, blends[i]) for _ in range(2)]
+        except Exception as err:  # reported below: a thread's exception would vanish otherwise
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(blends))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for i, images in results.items():
+        assert all(np.array_equal(image, expected[i]) for image in images)
