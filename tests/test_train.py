@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import threading
 
 import pytest
@@ -189,7 +191,7 @@ def test_invalid_config_is_refused_with_the_reason(overrides, message):
 
 
 def test_presets_and_overrides():
-    assert set(PRESETS) == {"Quick", "Balanced", "Best"}
+    assert set(PRESETS) == {"Quick", "Balanced", "Best", "Low memory"}
     balanced = make_config("Balanced", style_name="x")
     assert (balanced.rank, balanced.lora_alpha, balanced.learning_rate) == (16, 16.0, 1e-4)
     assert make_config("Best", style_name="x", rank=8).lora_alpha == 8.0
@@ -216,3 +218,86 @@ def test_caption_dropout_trains_on_the_empty_caption(library):
     assert all(torch.equal(red[key], blue[key]) for key in red)
     kept_red, kept_blue = adapter("kept-red", "a red circle", 0.0), adapter("kept-blue", "a blue star", 0.0)
     assert not all(torch.equal(kept_red[key], kept_blue[key]) for key in kept_red)
+
+
+# -- memory and speed options (issue 5) --------------------------------------------------------------------
+def _losses(events):
+    assert isinstance(events[-1], Finished), events[-1]
+    return [e.loss for e in events if isinstance(e, Step)]
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_is_switched_off_again(base, library):
+    """Recomputing activations changes memory, not maths: the same steps give the same losses."""
+    options = dict(style_name="same", steps=4, learning_rate=1e-3, num_samples=0, checkpoint_every=0)  # one name: one caption
+    checkpointed = _losses(list(train(make_config("Quick", gradient_checkpointing=True, **options), _images(), base, library)))
+    unet = base.pipe.unet
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in unet.modules())  # the borrowed UNet is as it was
+    plain = _losses(list(train(make_config("Quick", **options), _images(), base, library, overwrite=True)))
+    assert len(plain) == 4 and plain[0] != plain[-1]
+    assert plain == pytest.approx(checkpointed, rel=1e-5, abs=1e-7)
+
+
+def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "bitsandbytes" else real_find_spec(name, *args))
+    with pytest.raises(ValueError, match=r"optimizer adamw8bit needs the optional bitsandbytes package.*"
+                                         r"`pip install bitsandbytes`.*or choose optimizer adamw"):
+        TrainConfig(style_name="ok", optimizer="adamw8bit").validate()
+    TrainConfig(style_name="ok", optimizer="adamw").validate()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"optimizer": "adamw8bit"}, "8-bit AdamW (optimizer adamw8bit) needs a CUDA GPU and this run is on the cpu: choose optimizer adamw"),
+        ({"compile": True}, "compile is for CUDA GPUs and this run is on the cpu: turn compile off"),
+    ],
+)
+def test_gpu_only_options_fail_on_the_cpu_with_the_reason(base, library, monkeypatch, overrides, message):
+    import trainer.config
+
+    monkeypatch.setattr(trainer.config, "bitsandbytes_installed", lambda: True)  # as if installed: the device is the problem
+    cfg = make_config("Quick", style_name="gpu-only", steps=2, **overrides)
+    events = list(train(cfg, _images(), base, library))
+    assert len(events) == 1 and isinstance(events[0], Failed) and message in events[0].message
+    assert not library.exists("gpu-only")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"optimizer": "sgd"}, "optimizer must be one of adamw, adamw8bit, not 'sgd'"),
+        ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be true or false, not 'yes'"),
+        ({"compile": 1}, "compile must be true or false, not 1"),
+    ],
+)
+def test_invalid_memory_options_are_refused_with_the_reason(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(style_name="ok", **overrides).validate()
+
+
+def test_low_memory_preset_validates_and_trains_on_the_cpu(base, library):
+    from trainer.config import bitsandbytes_installed
+
+    cfg = make_config("Low memory", style_name="small", steps=2, num_samples=0).validate()
+    assert cfg.gradient_checkpointing and cfg.batch_size == 1 and cfg.rank <= 16
+    assert cfg.optimizer == ("adamw8bit" if bitsandbytes_installed() else "adamw")  # chosen when the preset was made
+    if cfg.optimizer == "adamw8bit":
+        cfg.optimizer = "adamw"  # 8-bit AdamW needs a CUDA GPU: a CPU run takes plain AdamW
+    events = list(train(cfg, _images(), base, library))
+    assert isinstance(events[-1], Finished) and [e.step for e in events if isinstance(e, Step)] == [1, 2]
+    saved = TrainConfig.from_dict(json.loads(formats.style_info(formats.read_style(events[-1].path)[1])["config"]))
+    assert saved.gradient_checkpointing and saved.optimizer == cfg.optimizer  # the style file says how it was made
+
+
+def test_the_memory_options_appear_in_the_ui_as_choices():
+    """The Advanced accordion is derived from the fields: on/off fields become True/False drop-downs."""
+    from trainer.config import BOOLEANS, OPTIMIZERS, config_fields
+
+    fields = {f.name: f for f in config_fields()}
+    for name in ("gradient_checkpointing", "channels_last", "compile"):
+        assert fields[name].default is False and fields[name].metadata["choices"] == BOOLEANS and fields[name].metadata["help"]
+    assert fields["optimizer"].default == "adamw" and fields["optimizer"].metadata["choices"] == OPTIMIZERS
+

@@ -8,6 +8,7 @@ This module imports no torch so the UI can read it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from styles.library import check_style_name
 DEFAULT_CAPTION_TEMPLATE = "an image in the style of {trigger}"
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
+OPTIMIZERS = ("adamw", "adamw8bit")
+BOOLEANS = (True, False)  # the choices of an on/off field: the UI shows a drop-down whose empty value means the preset's
 
 
 def _field(default: Any, help: str, **ui: Any) -> Any:
@@ -57,6 +59,24 @@ class TrainConfig:
         100, "Save a checkpoint (to resume from) every this many steps (0: never).", minimum=0, maximum=100_000, step=1
     )
     keep_checkpoints: int = _field(3, "How many of the newest checkpoints to keep.", minimum=1, maximum=100, step=1)
+    # Memory and speed (issue 5). Frozen weights in bf16/fp16, cached latents and text embeddings and
+    # SDPA attention need no switch: train() always uses them on a GPU.
+    gradient_checkpointing: bool = _field(
+        False, "Recompute UNet activations in the backward pass instead of keeping them: far less GPU memory, slower steps.",
+        choices=BOOLEANS,
+    )
+    optimizer: str = _field(
+        "adamw", "adamw, or adamw8bit: 8-bit optimizer states from the optional bitsandbytes package (CUDA GPU only).",
+        choices=OPTIMIZERS,
+    )
+    channels_last: bool = _field(
+        False, "Lay the UNet's convolution weights out channels-last (NHWC), which tensor-core GPUs may convolve faster.",
+        choices=BOOLEANS,
+    )
+    compile: bool = _field(
+        False, "torch.compile the UNet: faster steps after a minute or more of compiling at the start (CUDA GPU only).",
+        choices=BOOLEANS,
+    )
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -85,8 +105,17 @@ class TrainConfig:
             value = getattr(self, f.name)
             if lo is not None and value < lo or hi is not None and value > hi:
                 problems.append(f"{f.name} = {value} is outside {lo}..{hi}")
+            if f.type in (bool, "bool") and not isinstance(value, bool):
+                problems.append(f"{f.name} must be true or false, not {value!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        elif self.optimizer == "adamw8bit" and not bitsandbytes_installed():
+            problems.append(
+                "optimizer adamw8bit needs the optional bitsandbytes package, which is not installed: "
+                "`pip install bitsandbytes` (it needs a CUDA GPU), or choose optimizer adamw"
+            )
         if not self.target_modules:
             problems.append("target_modules is empty: name at least one of " + ", ".join(DEFAULT_TARGET_MODULES))
         if problems:
@@ -138,11 +167,27 @@ def write_settings(path: str | Path, values: dict[str, Any]) -> Path:
     return path
 
 
+def bitsandbytes_installed() -> bool:
+    """Whether the optional bitsandbytes package (8-bit AdamW) is installed; looked up without importing it."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 # Presets trade time for quality. Values are overrides on top of the dataclass defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "Quick": {"steps": 200, "rank": 8, "learning_rate": 3e-4},
     "Balanced": {},  # the dataclass defaults: rank 16, alpha = rank, lr 1e-4, 500 steps
     "Best": {"steps": 1500, "rank": 32},
+    # What an 8 GB card needs for SD 1.5 at 512 px (`python -m bench.train_speed --arch sd15 --low-memory`
+    # measures it). The optimizer is decided here, when the module loads, not at train time: the
+    # config is written into the style file and must name the optimizer that actually ran. Without
+    # bitsandbytes, AdamW's fp32 moments of SD 1.5's rank-8 adapter (1.6 M weights) take about 10 MB
+    # more than 8-bit ones: little next to what checkpointing saves, so plain AdamW is a fine fallback.
+    "Low memory": {
+        "gradient_checkpointing": True,
+        "optimizer": "adamw8bit" if bitsandbytes_installed() else "adamw",
+        "batch_size": 1,
+        "rank": 8,
+    },
 }
 DEFAULT_PRESET = "Balanced"
 

@@ -6,10 +6,17 @@ LoRA layers from peft go on the UNet's attention projections, and AdamW minimise
 between the UNet's prediction and the noise (or the velocity, for v-prediction models).
 SDXL's UNet takes more conditioning than the text embeddings (a pooled text embedding and the
 image-size ids); `Conditioning` carries it, so the loop reads the same for every family.
+
+Lighter and faster than that example on a GPU (issue 5; `python -m bench.train_speed` measures
+both): frozen weights in bf16/fp16 with fp32 LoRA weights and no autocast (base.py), no VAE or
+text encoder at all in the loop (they wait on the CPU), fused AdamW, and SDPA attention (diffusers'
+default AttnProcessor2_0). TrainConfig switches on more: gradient checkpointing, 8-bit AdamW,
+channels-last convolutions and torch.compile.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import threading
@@ -66,13 +73,14 @@ def train(
     ...     print(event)
     """
     cfg.validate()
-    if not overwrite:
-        try:
-            library.ensure_free(cfg.style_name)
-        except FileExistsError as err:
-            yield Failed(str(err))
-            return
     pipe, unet, device = base.pipe, base.pipe.unet, base.device
+    try:
+        check_device_options(cfg, device)
+        if not overwrite:
+            library.ensure_free(cfg.style_name)
+    except (ValueError, FileExistsError) as err:
+        yield Failed(str(err))
+        return
     tensorboard = log_dir is not None and is_tensorboard_available()
     # One process unless run by `accelerate launch`; its trackers write TensorBoard logs when asked.
     accelerator = Accelerator(cpu=device.type == "cpu", log_with="tensorboard" if tensorboard else None, project_dir=log_dir)
@@ -105,20 +113,37 @@ def train(
         torch.manual_seed(cfg.seed)
         unet.add_adapter(lora_config, adapter_name=TRAINING_ADAPTER)
     try:
+        # The VAE and text encoder(s) now idle until samples are drawn: they wait on the CPU and leave the GPU
+        # to the UNet (SDXL's take 1.8 GB in bf16), as kohya's sd-scripts does once latents are cached.
+        move_encoders(pipe, torch.device("cpu"))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # hand their blocks back, so the UNet's activations find room on a small card
         unet.set_adapter(TRAINING_ADAPTER)
         unet.enable_adapters()  # a blender may have switched LoRA layers off (every scale at 0)
         cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
         params = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=device.type == "cuda")
+        optimizer = make_optimizer(params, cfg, device)
+        if cfg.gradient_checkpointing:
+            # Activations are recomputed block by block in the backward pass (Chen et al. 2016, "Training
+            # deep nets with sublinear memory cost"). diffusers checkpoints with use_reentrant=False, so the
+            # LoRA layers get gradients although the frozen UNet's inputs need none.
+            unet.enable_gradient_checkpointing()
+        if cfg.channels_last:
+            unet.to(memory_format=torch.channels_last)  # conv weights NHWC; activations follow them
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         # Each process draws its own batches (data parallel); process 0 draws what a single process would.
         generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
         if state:  # continue exactly where the checkpoint left off
             set_peft_model_state_dict(unet, state.adapter, adapter_name=TRAINING_ADAPTER)
             optimizer.load_state_dict(state.optimizer)
+            if cfg.optimizer == "adamw8bit":  # bitsandbytes counts steps in a Python int; a checkpoint holds tensors
+                for moments in optimizer.state.values():
+                    moments["step"] = int(moments["step"])
             if len(state.generators) == accelerator.num_processes:
                 generator.set_state(state.generators[accelerator.process_index])
         model, optimizer = accelerator.prepare(unet, optimizer)  # DDP wrapper under accelerate launch
+        if cfg.compile:
+            model = torch.compile(model)  # compiles on the first step; the unwrapped unet keeps the weights
         style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash, "num_images": str(len(images)),
                       "processes": str(accelerator.num_processes)}
 
@@ -195,6 +220,7 @@ def train(
                 if saved:
                     yield saved
         unet.eval()
+        move_encoders(pipe, device)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return  # process 0 renders and saves; the others hold the same weights
@@ -213,9 +239,14 @@ def train(
             overwrite=overwrite,
         )
         yield Finished(style_name=cfg.style_name, path=str(path), steps_done=done)
-    finally:
+    finally:  # the base is borrowed: give it back as it came
         unet.eval()
         unet.delete_adapters(TRAINING_ADAPTER)
+        if cfg.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        if cfg.channels_last:
+            unet.to(memory_format=torch.contiguous_format)
+        move_encoders(pipe, device)
         if tensorboard:
             accelerator.end_training()
 
@@ -224,6 +255,48 @@ OUT_OF_MEMORY = (
     "The GPU ran out of memory at step {step}. Lower the batch size, the resolution or the rank, "
     "or pick the Low memory preset, then resume."
 )
+
+
+def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
+    """Raise ValueError naming each option of `cfg` this device cannot run (validate() checks the rest)."""
+    problems = []
+    if cfg.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            problems.append(f"8-bit AdamW (optimizer adamw8bit) needs a CUDA GPU and this run is on the {device.type}: "
+                            "choose optimizer adamw")
+        else:
+            try:
+                importlib.import_module("bitsandbytes")
+            except Exception as err:  # installed but broken, e.g. built for another CUDA version
+                problems.append(f"optimizer adamw8bit: bitsandbytes does not load ({err}); reinstall it "
+                                "(`pip install -U bitsandbytes`) or choose optimizer adamw")
+    if cfg.compile and device.type != "cuda":
+        # Refused rather than slow: on a CPU, inductor compiles the UNet's forward and backward for minutes
+        # (longer than a whole run on the embedded model), needs a C++ compiler, and the steps gain little.
+        problems.append(f"compile is for CUDA GPUs and this run is on the {device.type}: turn compile off")
+    if problems:
+        raise ValueError("This machine cannot train with these settings: " + "; ".join(problems) + ".")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the LoRA weights: torch's fused kernel on CUDA (one launch for every tensor, where the
+    default foreach implementation launches several per step), foreach on the CPU; or bitsandbytes'
+    8-bit AdamW (Dettmers et al. 2022, "8-bit optimizers via block-wise quantization"), whose two
+    moments take 2 bytes per weight instead of 8."""
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate)
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, fused=cuda, foreach=not cuda)
+
+
+def move_encoders(pipe, device: torch.device) -> None:
+    """Move the frozen VAE and text encoder(s) to `device` (nn.Module.to: diffusers' own .to logs a warning)."""
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        part = getattr(pipe, name, None)
+        if isinstance(part, torch.nn.Module):
+            torch.nn.Module.to(part, device)
 
 
 def _kept(checkpoints: CheckpointDir | None) -> str:
@@ -362,15 +435,22 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def render_samples(pipe, prompts: list[str], seed: int) -> list:
-    """One image per prompt, seeds seed, seed+1, ...: the same every time for the same adapter."""
-    was_training = pipe.unet.training
+    """One image per prompt, seeds seed, seed+1, ...: the same every time for the same adapter.
+
+    The VAE and text encoder(s) join the UNet on its device for this, wherever they waited.
+    """
+    if not prompts:
+        return []
+    was_training, waiting_on = pipe.unet.training, pipe.vae.device
     pipe.unet.eval()
+    move_encoders(pipe, pipe.unet.device)
     try:
         return [
             pipe(prompt, num_inference_steps=SAMPLE_STEPS, generator=torch.Generator().manual_seed(seed + i)).images[0]
             for i, prompt in enumerate(prompts)
         ]
     finally:
+        move_encoders(pipe, waiting_on)
         pipe.unet.train(was_training)
 
 
