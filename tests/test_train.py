@@ -301,3 +301,26 @@ def test_the_memory_options_appear_in_the_ui_as_choices():
         assert fields[name].default is False and fields[name].metadata["choices"] == BOOLEANS and fields[name].metadata["help"]
     assert fields["optimizer"].default == "adamw" and fields["optimizer"].metadata["choices"] == OPTIMIZERS
 
+
+def test_train_speed_bench_runs_and_prints_the_speed_up(capsys):
+    from bench.train_speed import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--steps", "2", "--warmup", "1", "--rounds", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 4 |"))]
+    assert len(rows) == 2, out
+    for row in rows:
+        assert re.search(r"\| \d+\.\d\dx \|", row), row  # the speed-up, baseline step / ours
+
+
+def test_train_speed_bench_refuses_full_size_models_without_a_gpu(capsys):
+    from bench.train_speed import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["--arch", "sd15"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
