@@ -1,0 +1,236 @@
+"""How fast is generation with styles blended?  `python -m bench.blend_speed`
+
+Issue 5: blended generation runs at base-model speed. Per denoising step (one UNet forward,
+batch 2 as classifier-free guidance runs it) with 0, 1, 2 and 4 styles blended, two ways side by
+side in one run:
+- fused: styles.blend.Blender's default, the weighted sum fused into the weights once per change;
+- unfused: diffusers' set_adapters, every LoRA branch runs at every step (Blender(fuse=False)).
+Each is printed as a ratio to the base model's step time (a copy of the UNet that never had LoRA
+layers). Then the time of a slider change: one apply() that restores the weights and fuses a new
+blend (and, for comparison, the unfused set_adapters call).
+
+    python -m bench.blend_speed                  # the embedded tiny model; well under 3 minutes on 2 CPU cores
+    python -m bench.blend_speed --arch sd15      # a full-size SD 1.5 UNet, random weights, no download
+
+The styles are random rank-16 LoRA adapters on to_q, to_k, to_v, to_out.0 (made here, not
+trained: speed does not depend on what they learned). Floors on a GPU: 4 styles blended
+<= 1.05x the base step; a slider change on SD 1.5 < 0.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from styles import formats
+from styles.blend import Blender
+from styles.library import StyleLibrary
+from trainer.base import Base, choose_device_dtype, load_base
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+RANK = 16
+SCALES = (0.8, -0.5, 0.6, 0.3)  # style i's scale: mixed signs, as sliders are
+STYLE_COUNTS = (0, 1, 2, 4)
+
+# runwayml/stable-diffusion-v1-5 unet/config.json, written out so no download is needed.
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    center_input_sample=False,
+)
+
+
+def sd15_base(precision: str = "auto") -> Base:
+    """A Base whose UNet is SD 1.5's architecture with random weights.
+
+    The tiny model's VAE, text encoder and tokenizer only make it a pipeline that load_lora_weights
+    accepts; the bench times UNet steps, which never touch them.
+    """
+    device, dtype = choose_device_dtype(precision)
+    tiny = load_base(precision=precision).pipe
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(device, dtype).requires_grad_(False)
+    pipe = StableDiffusionPipeline(
+        vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet, scheduler=tiny.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return Base(pipe=pipe, model_id="sd15-random-weights", family="sd1", device=device, dtype=dtype)
+
+
+def random_styles(unet: torch.nn.Module, library: StyleLibrary, count: int, seed: int = 0) -> list[str]:
+    """Save `count` random LoRA styles that fit `unet` into `library`; return their names.
+
+    The tensors are written straight in peft's key layout (what get_peft_model_state_dict returns)
+    rather than by wrapping the UNet with add_adapter and unwrapping it again: the bench's UNet
+    stays exactly as loaded. A is scaled as peft initialises it; B is random (not zero, as a
+    trained style's is not).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(TARGETS)]
+    names = []
+    for i in range(count):
+        state = {}
+        for name, layer in layers:
+            state[f"{name}.lora_A.weight"] = torch.randn(RANK, layer.in_features, generator=generator) / layer.in_features**0.5
+            state[f"{name}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=generator) * 0.02
+        tensors, metadata = formats.encode_style(state, RANK, RANK, list(TARGETS), {"family": "sd1"})
+        library.save(f"style{i}", tensors, metadata, overwrite=True)
+        names.append(f"style{i}")
+    return names
+
+
+@contextmanager
+def timed(device: torch.device, into: list[float]):
+    """Wall time of the block, with the GPU's queued work finished at both ends."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    yield
+    sync()
+    into.append(time.perf_counter() - start)
+
+
+def unet_inputs(unet, device, dtype, latent: int):
+    """One classifier-free-guidance step's UNet inputs: batch 2, 77 text tokens."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, latent, latent, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    return sample.to(device, dtype), torch.tensor(500, device=device), text.to(device, dtype)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.blend_speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded", help="base model for load_base (default: the embedded tiny model)")
+    parser.add_argument("--arch", choices=("sd15",), help="instead of --model: a full-size SD 1.5 UNet with random weights")
+    parser.add_argument("--precision", default="auto", help="auto: bf16/fp16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--latent", type=int, default=0, help="latent side (0: the model's native size; SD 1.5: 64)")
+    parser.add_argument("--rounds", type=int, default=0, help="timing rounds; each times every row once (0: by model and device)")
+    parser.add_argument("--steps", type=int, default=0, help="timed UNet steps per row and round (0: by model and device)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default, one per core)")
+    parser.add_argument("--changes", type=int, default=0, help="timed slider changes per style count (0: by model and device)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base = sd15_base(args.precision) if args.arch else load_base(args.model, args.precision)
+    unet, device, dtype = base.pipe.unet, base.device, base.dtype
+    big = args.arch == "sd15" or unet.config.block_out_channels[-1] >= 1024
+    slow = big and device.type == "cpu"  # SD 1.5 on a CPU: seconds per step, so few of them
+    # Many short rounds on a CPU: a busy neighbour then slows a few samples of every row, not all of one row.
+    rounds = args.rounds or (2 if slow else 20 if device.type == "cpu" else 10)
+    steps = args.steps or (1 if slow else 2 if device.type == "cpu" else 20)
+    changes = args.changes or (3 if slow else 10)
+    latent = args.latent or unet.config.sample_size
+    inputs = unet_inputs(unet, device, dtype, latent)
+    pristine = copy.deepcopy(unet)  # the base model: a UNet that never had LoRA layers
+
+    with tempfile.TemporaryDirectory() as workspace:
+        library = StyleLibrary(workspace)
+        names = random_styles(unet, library, max(STYLE_COUNTS))
+        blender = Blender(base, library)
+
+        def blend(count: int) -> dict[str, float]:
+            return {name: SCALES[i] for i, name in enumerate(names[:count])}
+
+        # Rows are timed in interleaved rounds, so that load from other processes falls on all alike.
+        rows = [("base", None, 0)] + [(mode, fuse, n) for n in STYLE_COUNTS for mode, fuse in (("fused", True), ("unfused", False))]
+        times: dict[tuple, list[float]] = {row: [] for row in rows}
+        for _ in range(rounds):
+            for row in rows:
+                mode, fuse, n = row
+                model = pristine
+                if fuse is not None:
+                    blender.fuse = fuse
+                    blender.apply(blend(n))
+                    model = unet
+                model(*inputs[:2], encoder_hidden_states=inputs[2])  # warm-up after a change
+                for _ in range(steps):
+                    with timed(device, times[row]):
+                        model(*inputs[:2], encoder_hidden_states=inputs[2])
+        # The fastest of the samples: other processes only ever add time (timeit's advice).
+        step = {row: min(samples) for row, samples in times.items()}
+        base_step = step[("base", None, 0)]
+
+        # Does fusing change the result? Largest difference of one step's output, fused vs unfused.
+        differences = {}
+        for n in STYLE_COUNTS:
+            outputs = []
+            for fuse in (True, False):
+                blender.fuse = fuse
+                blender.apply(blend(n))
+                outputs.append(unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample.float())
+            differences[n] = (outputs[0] - outputs[1]).abs().max().item()
+
+        # Slider changes: the same styles at new scales (restore + fuse; no file is read again).
+        change: dict[tuple, list[float]] = {}
+        for fuse in (True, False):
+            blender.fuse = fuse
+            for n in STYLE_COUNTS[1:]:
+                samples = change.setdefault((fuse, n), [])
+                blender.apply(blend(n))
+                for k in range(changes):
+                    moved = {name: scale * (0.5 if k % 2 == 0 else 1.0) for name, scale in blend(n).items()}
+                    with timed(device, samples):
+                        blender.apply(moved)
+        blender.fuse = True
+        blender.apply(blend(max(STYLE_COUNTS)))
+        restore, same = [], []
+        for _ in range(changes):
+            with timed(device, same):
+                blender.apply(blend(max(STYLE_COUNTS)))  # the same scales again: nothing to do
+        for _ in range(changes):
+            blender.apply(blend(max(STYLE_COUNTS)))
+            with timed(device, restore):
+                blender.apply({})
+        kept_mb, kept_layers = blender.kept_bytes() / 2**20, len(blender._originals)
+
+    # -- report ------------------------------------------------------------------------------
+    what = "SD 1.5 UNet (random weights)" if args.arch else base.model_id
+    threads = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name()
+    print(f"Blend speed: {what}, {str(dtype).removeprefix('torch.')}, latents {latent}x{latent}, batch 2, {threads}; "
+          f"fastest of {rounds * steps} steps per row; random rank-{RANK} styles on {', '.join(TARGETS)}")
+    print(f"base model step: {base_step * 1000:.1f} ms")
+    print()
+    print("| styles | fused step | fused / base | unfused step | unfused / base | max abs diff of one step, fused vs unfused |")
+    print("|---|---|---|---|---|---|")
+    for n in STYLE_COUNTS:
+        fused, unfused = step[("fused", True, n)], step[("unfused", False, n)]
+        print(f"| {n} | {fused * 1000:.1f} ms | {fused / base_step:.3f}x | {unfused * 1000:.1f} ms | "
+              f"{unfused / base_step:.3f}x | {differences[n]:.1e} |")
+    print()
+    print("| slider change (fastest) | fused: restore + fuse | unfused: set_adapters |")
+    print("|---|---|---|")
+    for n in STYLE_COUNTS[1:]:
+        fused, unfused = min(change[(True, n)]), min(change[(False, n)])
+        print(f"| {n} style{'s' if n > 1 else ''} | {fused * 1000:.1f} ms | {unfused * 1000:.1f} ms |")
+    print(f"| back to the base (all scales 0, from {max(STYLE_COUNTS)} styles) | {min(restore) * 1000:.1f} ms | |")
+    print(f"| the same scales again | {min(same) * 1000:.2f} ms | |")
+    print()
+    print(f"original weights kept for exact restores: {kept_mb:.1f} MB on {device.type} ({kept_layers} layers)")
+    fused4 = step[("fused", True, max(STYLE_COUNTS))] / base_step
+    print(f"floor, {max(STYLE_COUNTS)} styles fused <= 1.05x base step: {'met' if fused4 <= 1.05 else 'NOT met'} ({fused4:.3f}x)")
+
+
+if __name__ == "__main__":
+    main()
