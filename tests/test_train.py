@@ -237,6 +237,18 @@ def test_gradient_checkpointing_gives_the_same_losses_and_is_switched_off_again(
     assert plain == pytest.approx(checkpointed, rel=1e-5, abs=1e-7)
 
 
+def test_channels_last_trains_and_gives_the_unet_back_as_it_came(base, library):
+    from trainer.base import load_base
+
+    cfg = make_config("Quick", style_name="nhwc", steps=2, num_samples=0, channels_last=True)
+    events = list(train(cfg, _images(), base, library))
+    assert isinstance(events[-1], Finished), events[-1]
+    convs = [m.weight for m in base.pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
+    # The style records the base's hash, taken while the weights were channels-last: the same as a fresh base's.
+    assert formats.style_info(formats.read_style(events[-1].path)[1])["unet_hash"] == load_base().unet_hash
+
+
 def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
     import importlib.util
 

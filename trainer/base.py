@@ -75,7 +75,9 @@ class Base:
                 continue
             name = name.replace(".base_layer", "")  # peft wraps targeted layers; hash the same names
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # Flattened before the byte view: a channels-last 1x1 conv weight counts as contiguous with a last
+            # stride > 1, which view(uint8) refuses. The bytes are the same row-major ones either way.
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
 
