@@ -271,8 +271,9 @@ def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
                 problems.append(f"optimizer adamw8bit: bitsandbytes does not load ({err}); reinstall it "
                                 "(`pip install -U bitsandbytes`) or choose optimizer adamw")
     if cfg.compile and device.type != "cuda":
-        # Refused rather than slow: on a CPU, inductor compiles the UNet's forward and backward for minutes
-        # (longer than a whole run on the embedded model), needs a C++ compiler, and the steps gain little.
+        # Refused rather than slow: on a CPU, inductor compiled the embedded UNet's forward and backward for
+        # 4 minutes (one thread) before the first step, 15 times a whole Quick run there; it needs a C++
+        # compiler, and the steps after it were no faster.
         problems.append(f"compile is for CUDA GPUs and this run is on the {device.type}: turn compile off")
     if problems:
         raise ValueError("This machine cannot train with these settings: " + "; ".join(problems) + ".")
