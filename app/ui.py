@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import time
 import typing
 
@@ -65,9 +66,19 @@ def advanced_control(field):
         return gr.Dropdown(choices=list(meta["choices"]), value=None, label=label, info=info)
     if typing.get_origin(field.type) is list or str(field.type).startswith("list"):
         return gr.Textbox(value="", label=label, info=info + " Comma-separated.", placeholder=", ".join(field.default_factory()))
-    precision = 0 if field.type in (int, "int") else None
-    # No minimum/maximum here: TrainConfig.validate() refuses bad values with a message naming the field.
-    return gr.Number(value=None, label=label, info=info, precision=precision)
+    # A text box, not gr.Number: a Number shows and sends 0 once its accordion opens, so "empty: the
+    # preset's value" would turn into rank 0 for anyone who only meant to change the steps. Ranges are
+    # left to TrainConfig.validate(), whose message names the field.
+    return gr.Textbox(value="", label=label, info=info, placeholder="preset's value", elem_id=f"advanced-{field.name}")
+
+
+def shown_value(field, value):
+    """A saved setting as its Advanced control shows it (lists comma-joined, numbers as text, None empty)."""
+    if value is None:
+        return None if "choices" in field.metadata else ""
+    if isinstance(value, list):
+        return ", ".join(value)
+    return value if "choices" in field.metadata else str(value)
 
 
 def parse_advanced(values: dict) -> dict:
@@ -78,12 +89,22 @@ def parse_advanced(values: dict) -> dict:
             continue
         if field.name == "target_modules":
             value = [part.strip() for part in str(value).split(",") if part.strip()]
-        elif field.type in (int, "int"):
-            value = int(value)
-        elif field.type in (float, "float"):
-            value = float(value)
+        elif field.type in (int, "int", float, "float"):
+            value = _number(field, value)
         settings[field.name] = value
     return settings
+
+
+def _number(field, value) -> int | float:
+    whole = field.type in (int, "int")
+    try:
+        number = float(str(value).strip())
+        if whole and not number.is_integer():
+            raise ValueError
+    except ValueError:
+        label = field.name.replace("_", " ").capitalize()
+        raise ValueError(f"{label} must be {'a whole number' if whole else 'a number'}, not {value!r}.") from None
+    return int(number) if whole else number
 
 
 def with_advanced_parameters(fn):
@@ -194,7 +215,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
     def load_preset(preset_name):
         """The saved preset's built-in preset and advanced settings, to fill the form."""
         preset, values = studio.load_preset(preset_name)
-        shown = [", ".join(v) if isinstance(v := values.get(f.name), list) else v for f in ADVANCED_FIELDS]
+        shown = [shown_value(f, values.get(f.name)) for f in ADVANCED_FIELDS]
         return preset, *shown
 
     def jobs_table():
@@ -319,7 +340,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
             files = gr.File(label=f"Images: files or a zip (optional .txt captions with the same name); up to "
                                   f"{limits.max_file_bytes // MB} MB a file, {limits.max_files} files and "
                                   f"{limits.max_total_bytes // MB} MB in all", file_count="multiple",
-                            file_types=["image", ".zip", ".txt"], height=220)
+                            file_types=["image", ".zip", ".txt"], height=220, elem_id="training-files")
             with gr.Row():
                 style_name = gr.Textbox(label="Style name", placeholder="my-style")
                 trigger = gr.Textbox(label="Trigger word", placeholder="defaults to the style name")
@@ -371,9 +392,11 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     gr.Markdown("No styles yet: train one in the Train tab.")
                 for name in names or []:
                     slider = gr.Slider(-2, 2, value=(values or {}).get(name, 0.0), step=0.05, label=name)
+                    # Updated in the browser, not on the server: two sliders moved in quick succession
+                    # would each send the blend as it was before the other's update, and one move would be lost.
                     slider.change(
-                        lambda value, current, name=name: {**(current or {}), name: value},
-                        [slider, blend], blend, api_visibility="private", show_progress="hidden",
+                        None, [slider, blend], blend, api_visibility="private", show_progress="hidden",
+                        js=f"(value, current) => ({{...(current || {{}}), {json.dumps(name)}: value}})",
                     )
 
             generate_button = gr.Button("Generate", variant="primary")
@@ -393,7 +416,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     value="kohya", label="Download layout",
                 )
                 export_button = gr.Button("Download .safetensors")
-            download = gr.File(label="Download")
+            download = gr.File(label="Download", elem_id="style-download")
             with gr.Row():
                 import_file = gr.File(label="Import a LoRA made elsewhere (.safetensors: kohya, diffusers or PEFT)",
                                       type="filepath")  # any suffix: a .ckpt gets our message, not a bare refusal

@@ -94,3 +94,63 @@ def test_train_tab_follows_a_job_live_then_cancel_and_keep(page):
     from styles.library import StyleLibrary
 
     assert StyleLibrary(workspace).exists("sunset")
+
+
+def test_upload_train_blend_two_sliders_generate_and_download(page, tmp_path):
+    """A user's whole round: upload images, train a style, move two style sliders, generate, download the export."""
+    page, workspace = page
+    from playwright.sync_api import expect
+
+    from styles import formats
+    from tests.conftest import pattern_image
+
+    expect.set_options(timeout=STEP_TIMEOUT_MS)
+    uploads = []
+    for i in range(4):
+        uploads.append(tmp_path / f"zig{i}.png")
+        pattern_image(40 + i).save(uploads[-1])
+
+    # Train: upload, name, a short run (Advanced: steps), Train; the job ends finished.
+    page.get_by_role("tab", name="Train").click()
+    files = page.locator("#training-files")
+    files.get_by_role("button", name="Clear").click()  # the example's images from the test before
+    files.locator("input[type=file]").set_input_files([str(p) for p in uploads])
+    expect(files.get_by_text("zig3")).to_be_visible()
+    expect(files.get_by_text("zig0")).to_be_visible()
+    page.get_by_label("Style name").fill("zigzag")
+    page.get_by_text("Advanced", exact=True).click()
+    page.locator("#advanced-steps textarea").fill("30")
+    page.get_by_label("Quick").check()
+    page.get_by_role("button", name="Train", exact=True).click()
+    expect(page.get_by_text(re.compile(r"Job 0002 · zigzag"))).to_be_visible()
+    _screenshot(page, "train-tab-uploaded-submitted")
+    expect(page.get_by_text(re.compile(r"Job 0002 · zigzag · finished"))).to_be_visible()
+    _screenshot(page, "train-tab-uploaded-finished")
+
+    # Generate: one slider per style (the kept 'sunset' and the new 'zigzag'); move both, generate.
+    page.get_by_role("tab", name="Generate").click()
+    for name, value in (("sunset", "0.8"), ("zigzag", "-0.5")):
+        number = page.get_by_label(f"number input for {name}")
+        number.fill(value)
+        number.press("Enter")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text(re.compile(r"styles: sunset \+0\.80, zigzag -0\.50"))).to_be_visible()
+    picture = page.locator(".pixelated").filter(has=page.get_by_text("Output")).locator("img").first
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=picture.element_handle())
+    _screenshot(page, "generate-tab-two-styles")
+
+    # Styles: download the export (kohya layout by default) and check it is a style file with the trained alpha.
+    page.get_by_role("tab", name="Styles").click()
+    picker = page.get_by_label("Style", exact=True)
+    picker.click()
+    page.get_by_role("option", name="zigzag").click()
+    page.get_by_role("button", name="Download .safetensors").click()
+    link = page.locator("#style-download a[download]")
+    expect(page.locator("#style-download").get_by_text("zigzag")).to_be_visible()
+    with page.expect_download() as download:
+        link.click()
+    saved = tmp_path / "zigzag.safetensors"
+    download.value.save_as(saved)
+    metadata, table = formats.read_header(saved)
+    assert metadata["ss_output_name"] == "zigzag" and all(key.startswith("lora_unet_") for key in table)
+    _screenshot(page, "styles-tab-download")
