@@ -24,6 +24,7 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from styles import formats
 from styles.library import StyleInfo, StyleLibrary
 from trainer.base import Base
 
@@ -52,6 +53,8 @@ class Blender:
         self._loaded: dict[str, float] = {}  # adapter name -> mtime of the file it was loaded from
         self._lock = threading.RLock()  # one pipeline: one generation (and adapter change) at a time
         self.warnings: list[str] = []
+        # What a style file must fit, read before any adapter wraps the UNet's layers.
+        self._layout = formats.UnetLayout.of(base.pipe.unet)
         # layer name -> (its base weight parameter, a copy of that weight's original value): taken
         # before the layer is first fused, never written to, so restoring is one exact copy.
         self._originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
@@ -179,6 +182,8 @@ class Blender:
                     f"Style {name!r} was trained on a {info.family} model and cannot be used with this "
                     f"{self.base.family} base model ({self.base.model_id})."
                 )
+            # A file put into the library by hand is data like any import: checked before diffusers reads it.
+            formats.import_adapter(info.path, self._layout)
             to_load[name] = info
         return gone, to_load
 
@@ -223,9 +228,7 @@ class Blender:
                     # back (restore). From CPU memory both would cross PCIe each time; on the GPU
                     # it costs the targeted weights once more (SD 1.5, bf16: 178 MiB, 11% of the UNet).
                     self._originals[name] = (weight, weight.detach().clone())
-                original = self._originals[name][1]
-                blended = sum(_delta_fp32(layer, style) for style in styles).add_(original)
-                weight.copy_(blended)  # the one rounding to the weight's dtype
+                weight.copy_(_blended_weight(layer, styles, self._originals[name][1]))  # the one rounding
                 self._dirty.add(name)
         except BaseException:
             self._restore()  # half a blend is worse than none: leave the base model
@@ -259,19 +262,23 @@ def _lora_layers(pipe):
                     yield f"{component_name}.{name}", module
 
 
-def _delta_fp32(layer: LoraLayer, adapter: str) -> torch.Tensor:
-    """scaling * B @ A of one adapter, in fp32.
+def _blended_weight(layer: LoraLayer, styles: list[str], original: torch.Tensor) -> torch.Tensor:
+    """original + sum over styles of scaling * B @ A, in fp32 (scaling: peft's s * alpha / r, set by set_adapters).
 
-    peft's get_delta_weight computes in the adapter's dtype (bf16/fp16 on a GPU); for plain Linear
-    layers (all that styles target by default) we multiply in fp32 instead. Other layer types
-    (convolutions) keep peft's own math, computed in the adapter's dtype.
+    peft's get_delta_weight computes in the adapter's dtype (bf16/fp16 on a GPU) and one style at
+    a time. For plain Linear layers (all that styles target by default) the styles' B (scaled) and
+    A are stacked along the rank instead, so one fp32 addmm forms the whole blend with no
+    weight-sized temporary per style (4 styles on SD 1.5: 155 ms instead of 272 on 2 CPU cores).
+    Other layer types (convolutions) keep peft's own math, computed in the adapter's dtype.
     """
-    if adapter in layer.lora_variant or layer.lora_bias.get(adapter):
-        raise ValueError(f"Style {adapter!r} uses a LoRA variant (DoRA or a LoRA bias), which cannot be fused.")
+    for style in styles:
+        if style in layer.lora_variant or layer.lora_bias.get(style):
+            raise ValueError(f"Style {style!r} uses a LoRA variant (DoRA or a LoRA bias), which cannot be fused.")
     if isinstance(layer, LoraLinear) and not layer.fan_in_fan_out:
-        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        return (b.float() @ a.float()).mul_(layer.scaling[adapter])
-    return layer.get_delta_weight(adapter).float()
+        b = torch.cat([layer.lora_B[style].weight.float() * layer.scaling[style] for style in styles], dim=1)
+        a = torch.cat([layer.lora_A[style].weight.float() for style in styles])
+        return torch.addmm(original.float(), b, a)
+    return sum(layer.get_delta_weight(style).float() for style in styles) + original.float()
 
 
 def a1111_parameters(recipe: dict) -> str:

@@ -214,3 +214,12 @@ def test_hostile_adapter_files_are_refused_with_the_reason_and_nothing_is_writte
         with pytest.raises(ValueError, match=words):
             library.import_file(path, "hostile", layout, base.family)
     assert sorted(library.root.iterdir()) == before  # no style, no temporary file
+
+
+def test_a_damaged_file_in_the_library_is_refused_by_the_blender_with_the_reason(library, base):
+    style = train_style(library, "ink", seed=3, rank=4).path
+    tensors, metadata = formats.read_style(style)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    formats.write_atomic(style, {**tensors, key: torch.full_like(tensors[key], float("inf"))}, metadata)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        Blender(base, library).apply({"ink": 1.0})
