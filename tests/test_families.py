@@ -20,7 +20,7 @@ from tests.conftest import pattern_image
 from trainer.base import checkpoint_kind, detect_family, load_base
 from trainer.config import make_config
 from trainer.data import ImageSet
-from trainer.events import Failed, Finished
+from trainer.events import Finished
 from trainer.train import encode_conditioning, encode_images, train
 
 FAMILIES = tiny_models.FAMILIES
