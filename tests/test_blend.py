@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from styles import formats
-from styles.blend import Blender, _delta_fp32
+from styles.blend import Blender, _blended_weight
 from styles.library import StyleLibrary
 from tests.conftest import train_style
 
@@ -255,14 +255,14 @@ def test_a_style_file_replaced_on_disk_is_picked_up(blender, library, base_weigh
 def test_a_failed_fuse_leaves_the_base_model(blender, base_weights, monkeypatch):
     calls = []
 
-    def failing(layer, adapter):
-        calls.append(adapter)
+    def failing(layer, styles, original):
+        calls.append(layer)
         if len(calls) == 5:
             raise torch.OutOfMemoryError("no room for the blend")
-        return _delta_fp32(layer, adapter)
+        return _blended_weight(layer, styles, original)
 
     blender.apply({"pastel": 1.0})
-    monkeypatch.setattr("styles.blend._delta_fp32", failing)
+    monkeypatch.setattr("styles.blend._blended_weight", failing)
     with pytest.raises(torch.OutOfMemoryError):
         blender.apply({"ink": 1.0})
     _assert_base_weights(blender, base_weights)
