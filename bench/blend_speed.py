@@ -9,8 +9,9 @@ Each is printed as a ratio to the base model's step time (a copy of the UNet tha
 layers). Then the time of a slider change: one apply() that restores the weights and fuses a new
 blend (and, for comparison, the unfused set_adapters call).
 
-    python -m bench.blend_speed                  # the embedded tiny model; well under 3 minutes on 2 CPU cores
+    python -m bench.blend_speed                  # the embedded tiny model; about 30 s on one CPU thread
     python -m bench.blend_speed --arch sd15      # a full-size SD 1.5 UNet, random weights, no download
+    python -m bench.blend_speed --arch sd15 --latent 16 --rounds 6 --threads 2   # the same, in 3 minutes on 2 CPU cores
 
 The styles are random rank-16 LoRA adapters on to_q, to_k, to_v, to_out.0 (made here, not
 trained: speed does not depend on what they learned). Floors on a GPU: 4 styles blended
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent", type=int, default=0, help="latent side (0: the model's native size; SD 1.5: 64)")
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds; each times every row once (0: by model and device)")
     parser.add_argument("--steps", type=int, default=0, help="timed UNet steps per row and round (0: by model and device)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default, one per core)")
+    # One thread by default: on a shared machine a second thread that waits for a busy core can
+    # make a step ten times slower (seen here: 11 minutes instead of 30 s), which a ratio reads as overhead.
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default, one per core)")
     parser.add_argument("--changes", type=int, default=0, help="timed slider changes per style count (0: by model and device)")
     args = parser.parse_args(argv)
     if args.threads:
