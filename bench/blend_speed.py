@@ -230,9 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| back to the base (all scales 0, from {max(STYLE_COUNTS)} styles) | {min(restore) * 1000:.1f} ms | |")
     print(f"| the same scales again | {min(same) * 1000:.2f} ms | |")
     print()
-    print(f"original weights kept for exact restores: {kept_mb:.1f} MB on {device.type} ({kept_layers} layers)")
+    print(f"original weights kept for exact restores: {kept_mb:.1f} MiB on {device.type} ({kept_layers} layers)")
     fused4 = step[("fused", True, max(STYLE_COUNTS))] / base_step
     print(f"floor, {max(STYLE_COUNTS)} styles fused <= 1.05x base step: {'met' if fused4 <= 1.05 else 'NOT met'} ({fused4:.3f}x)")
+    if args.arch == "sd15":
+        slider = max(min(change[(True, n)]) for n in STYLE_COUNTS[1:])
+        print(f"floor, slider change on SD 1.5 < 0.2 s: {'met' if slider < 0.2 else 'NOT met'} ({slider * 1000:.0f} ms, the slowest style count)")
 
 
 if __name__ == "__main__":
