@@ -85,7 +85,7 @@ class Blender:
     def apply(self, scales: dict[str, float] | None) -> dict[str, float]:
         """Make exactly these styles active at these scales; return the active (non-zero) ones.
 
-        Fused mode costs one weight rewrite per change of scales; the same scales again cost nothing.
+        Fused mode costs one weight rewrite per change of scales; the same scales again write nothing.
         """
         active = {name: s for name, s in self.normalise(scales).items() if s != 0}
         pipe = self.base.pipe
