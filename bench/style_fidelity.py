@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         pairs = example.images()
         training_sets[name] = [image for image, _ in pairs]
         cfg = make_config(DEFAULT_PRESET, style_name=name, num_samples=0, **({"steps": args.steps} if args.steps else {}))
+        blender.apply({})  # the previous style is fused into the weights: train on the plain base
         started = time.perf_counter()
         last = None
         for last in train(cfg, ImageSet(training_sets[name], [c for _, c in pairs], [f"{name}{i}" for i in range(len(pairs))]), base, library):
