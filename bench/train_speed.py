@@ -33,7 +33,6 @@ ours >= 2x the baseline's throughput at batch 1.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -62,7 +61,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from styles.library import StyleLibrary
 from trainer import embedded
 from trainer.base import Base, choose_device_dtype, detect_family, load_base
-from trainer.config import DEFAULT_PRESET, PRESETS, make_config
+from trainer.config import DEFAULT_PRESET, PRESETS, make_config, parse_overrides
 from trainer.data import ImageSet
 from trainer.events import Failed, Step
 from trainer.train import MAX_GRAD_NORM, train
@@ -407,12 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in PRESETS["Low memory"].items() if k != "batch_size"} if args.low_memory else {}
     if args.rank:
         options["rank"] = args.rank
-    for item in args.overrides:
-        key, _, raw = item.partition("=")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
+    options |= parse_overrides(args.overrides)
     probe = make_config(DEFAULT_PRESET, style_name="bench", **options).validate()
 
     base = build_base(args.arch, args.precision)

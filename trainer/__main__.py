@@ -33,16 +33,11 @@ def main(argv=None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     args = parser.parse_args(argv)
 
-    from trainer.config import DEFAULT_PRESET, make_config, read_settings
+    from trainer.config import DEFAULT_PRESET, make_config, parse_overrides, read_settings
 
     try:
         values = read_settings(args.config) if args.config else {}
-        for item in args.overrides:
-            key, _, raw = item.partition("=")
-            try:
-                values[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                values[key] = raw
+        values |= parse_overrides(args.overrides)
         preset = args.preset or values.pop("preset", DEFAULT_PRESET)
         cfg = make_config(preset, **values)
         if args.print_config:

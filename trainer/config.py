@@ -148,6 +148,22 @@ def read_settings(path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`FIELD=VALUE` strings (the CLI's --set) as settings; a value is JSON when it parses, else text.
+
+    >>> parse_overrides(["steps=100", "style_name=ink"])
+    {'steps': 100, 'style_name': 'ink'}
+    """
+    values = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
 def write_settings(path: str | Path, values: dict[str, Any]) -> Path:
     """Write field values as flat TOML (what read_settings and `python -m trainer --config` read back).
 
