@@ -277,7 +277,7 @@ def _parse_kohya(raw: dict[str, torch.Tensor], layout: UnetLayout):
         if split is None:
             raise ValueError(f"Unexpected key {key!r}: a kohya LoRA has only lora_down, lora_up and alpha entries.")
         name, part = split
-        if name.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
+        if name.startswith(kohya.TEXT_ENCODER):
             text_encoder.add(name)
             continue
         parts.setdefault(name, {})[part] = tensor

@@ -21,6 +21,7 @@ import re
 import torch
 
 UNET = "lora_unet_"
+TEXT_ENCODER = ("lora_te_", "lora_te1_", "lora_te2_")  # SD 1.x/2.x; SDXL's first and second encoder
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
 # sd-scripts' names of the base model each family is, and the model-spec architecture strings.
@@ -115,7 +116,7 @@ def training_metadata(family: str, name: str, rank: int, alpha: float, info: dic
 
 
 def is_kohya(keys) -> bool:
-    return any(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in keys)
+    return any(key.startswith((UNET, *TEXT_ENCODER)) for key in keys)
 
 
 def split_key(key: str) -> tuple[str, str] | None:

@@ -26,9 +26,9 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
+from styles.formats import PICKLE_SUFFIXES  # one list of pickle suffixes, for base models and adapters alike
 from trainer import embedded
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 # The text-to-image pipelines we train on, by the class name a diffusers folder's model_index.json gives.
 PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
 # What single-file checkpoints we load, by diffusers' name for what they hold (infer_diffusers_model_type).
