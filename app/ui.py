@@ -57,10 +57,15 @@ def user_errors(fn):
     return wrapper
 
 
+def field_label(field) -> str:
+    """The label a TrainConfig field goes by in the UI and in its messages: 'learning_rate' -> 'Learning rate'."""
+    return field.name.replace("_", " ").capitalize()
+
+
 def advanced_control(field):
     """A control for one TrainConfig field; empty means 'use the preset's value'."""
     meta = field.metadata
-    label = field.name.replace("_", " ").capitalize()
+    label = field_label(field)
     info = meta["help"] + " Empty: the preset's value."
     if "choices" in meta:
         return gr.Dropdown(choices=list(meta["choices"]), value=None, label=label, info=info)
@@ -102,8 +107,7 @@ def _number(field, value) -> int | float:
         if whole and not number.is_integer():
             raise ValueError
     except ValueError:
-        label = field.name.replace("_", " ").capitalize()
-        raise ValueError(f"{label} must be {'a whole number' if whole else 'a number'}, not {value!r}.") from None
+        raise ValueError(f"{field_label(field)} must be {'a whole number' if whole else 'a number'}, not {value!r}.") from None
     return int(number) if whole else number
 
 
