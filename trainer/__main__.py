@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+from trainer.config import DEFAULT_PRESET, PRESETS, make_config, parse_overrides, read_settings
+
 DEFAULT_WORKSPACE = Path(__file__).resolve().parent.parent / "workspace"
 
 
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Train a Style Studio style (LoRA).")
     parser.add_argument("--config", type=Path, help="TrainConfig as .toml or .json (any field; the rest from --preset)")
     parser.add_argument("--images", type=Path, nargs="+", help="image files, zips or folders")
-    parser.add_argument("--preset", default=None, help="Quick, Balanced (default) or Best")
+    parser.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override one field, e.g. --set steps=100 (value parsed as JSON when it can be)")
     parser.add_argument("--model", default=None, help="base model (default: the embedded tiny model)")
@@ -32,8 +34,6 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue this style's interrupted run from its newest checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     args = parser.parse_args(argv)
-
-    from trainer.config import DEFAULT_PRESET, make_config, parse_overrides, read_settings
 
     try:
         values = read_settings(args.config) if args.config else {}
