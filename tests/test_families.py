@@ -146,6 +146,39 @@ def test_train_two_styles_and_blend_them(models, tmp_path, family):
     assert np.array_equal(np.asarray(again), np.asarray(plain))
 
 
+def test_an_sdxl_style_exported_for_a1111_loads_in_stock_diffusers(models, tmp_path):
+    """The kohya export of an SDXL style uses the original UNet's block names (what A1111 and ComfyUI
+    read); diffusers' own SDXL loader maps them back onto the same layers, with the same weights."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from styles import formats
+
+    base = load_base(str(models["sdxl"]))
+    library = StyleLibrary(tmp_path / "workspace")
+    _train(base, library, "xl", seed=1, alpha=6.0)
+    tensors, metadata = formats.to_kohya(library.get("xl").path, formats.UnetLayout.of(base.pipe.unet).layers_per_block)
+    assert any(key.startswith("lora_unet_input_blocks_") for key in tensors), sorted(tensors)[:3]
+    exported = formats.write_atomic(tmp_path / "xl.safetensors", tensors, metadata)
+
+    def unet_output(unet):
+        torch.manual_seed(5)
+        config = unet.config
+        sample = torch.randn(1, config.in_channels, config.sample_size, config.sample_size)
+        context = torch.randn(1, 7, config.cross_attention_dim)
+        pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(1, pooled_width), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+        with torch.no_grad():
+            return unet(sample, 500, context, added_cond_kwargs=added).sample
+
+    stock = StableDiffusionXLPipeline.from_pretrained(models["sdxl"], dtype=torch.float32)
+    plain = unet_output(stock.unet)
+    stock.load_lora_weights(str(exported))  # diffusers' own kohya/SGM loader, as a user would call it
+    Blender(base, library).apply({"xl": 1.0})
+    ours = unet_output(base.pipe.unet)
+    assert (unet_output(stock.unet) - ours).abs().max() < 1e-5
+    assert (ours - plain).abs().max() > 1e-3  # the style really is applied
+
+
 def test_a_style_of_another_family_is_refused(models, tmp_path):
     library = StyleLibrary(tmp_path / "workspace")
     _train(load_base(str(models["sd1"])), library, "flat", seed=1, steps=1, num_samples=0)
