@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from trainer import scenes
 from trainer.embedded import WORDS, build_tokenizer
@@ -42,6 +43,15 @@ def test_captions_say_what_is_drawn():
     scene = scenes.Scene("cross", "orange", "blue", count=2, size="small", position="top", texture="striped")
     assert scene.caption() == "two small striped orange crosses at the top on a blue background"
     assert scenes.Scene("star", "red", "orange").caption() == "a red star on an orange background"
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_outline_is_a_band_of_the_asked_width_on_the_edge(width):
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))  # a 16 px square
+    band = np.asarray(scenes.outline(mask, width)) > 0
+    assert band[16, :].sum() == 2 * width  # crossing the square: one band each side
+    assert band[16, 16] == 0 and band[0, 0] == 0  # the middle and the far background stay clear
 
 
 @pytest.mark.parametrize("name", list(EXAMPLES))

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -35,6 +35,7 @@ SIZES = {"small": 0.13, "": 0.21, "big": 0.31}  # object radius as a fraction of
 POSITIONS = {"": (0.5, 0.5), "left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
 COUNTS = {"a": 1, "two": 2, "three": 3}
 TEXTURES = ("striped", "dotted", "checkered")
+INK = (24, 22, 30)  # the colour of drawn outlines
 
 # One colour per shape is never drawn with it in pretraining: 7 of the 70 (shape, colour) pairs.
 HELD_OUT = frozenset((shape, list(COLOURS)[(3 * i + 1) % len(COLOURS)]) for i, shape in enumerate(SHAPES))
@@ -105,6 +106,15 @@ def render(scene: Scene, rng: random.Random, side: int = 64) -> tuple[Image.Imag
         fill.paste(shade, mask=_texture(scene.texture, big, rng))
     image.paste(fill, mask=mask)
     return image.resize((side, side), Image.Resampling.LANCZOS), mask.resize((side, side), Image.Resampling.BOX)
+
+
+def outline(mask: Image.Image, width: int) -> Image.Image:
+    """A band `width` pixels wide centred on the edges of a 0/255 mask (dilated minus eroded)."""
+    binary = mask.point(lambda v: 255 if v > 127 else 0)
+    # Grow the mask by half the width (rounded up) and shrink it by the rest; the filters take odd sizes.
+    outside = binary.filter(ImageFilter.MaxFilter(2 * ((width + 1) // 2) + 1))
+    inside = binary.filter(ImageFilter.MinFilter(2 * (width // 2) + 1)) if width > 1 else binary  # MinFilter(1) crashes PIL
+    return Image.fromarray((np.asarray(outside) > np.asarray(inside)).astype(np.uint8) * 255, "L")
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 12) -> tuple[int, int, int]:
