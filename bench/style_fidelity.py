@@ -1,6 +1,6 @@
 """Does a trained style show up, in proportion to its slider, and leave the content alone?
 
-    python -m bench.style_fidelity            # about 6 minutes on 2 CPU cores
+    python -m bench.style_fidelity            # about 8 minutes on 2 CPU cores
 
 For each example style (trainer/examples.py): train it with the default preset, then draw the
 content of its training captions with fixed seeds at several scales and
@@ -35,7 +35,7 @@ from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS, Blender
 from styles.library import StyleLibrary
 from trainer import scenes
 from trainer.base import load_base
-from trainer.config import DEFAULT_PRESET, make_config
+from trainer.config import DEFAULT_PRESET, make_config, parse_overrides
 from trainer.data import ImageSet
 from trainer.events import Finished
 from trainer.examples import EXAMPLE_SIZE, EXAMPLES
@@ -112,12 +112,15 @@ def monotonic(values: list[float], decreasing: bool = True) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.style_fidelity", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
     parser.add_argument("--workspace", default="bench/out/fidelity", help="where the trained styles go (replaced)")
     parser.add_argument("--grid", default="bench/results/style_grid.png", help="picture grid to write")
-    parser.add_argument("--steps", type=int, default=0, help="override the preset's steps (0: the preset's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a TrainConfig field on top of the default preset, e.g. --set learning_rate=2e-4")
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.overrides)
 
-    base = load_base()
+    base = load_base(args.model)
     library = StyleLibrary(args.workspace)
     for name in library.names():
         library.delete(name)
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, example in EXAMPLES.items():
         pairs = example.images()
         training_sets[name] = [image for image, _ in pairs]
-        cfg = make_config(DEFAULT_PRESET, style_name=name, num_samples=0, **({"steps": args.steps} if args.steps else {}))
+        cfg = make_config(DEFAULT_PRESET, **overrides, style_name=name, num_samples=0)
         blender.apply({})  # the previous style is fused into the weights: train on the plain base
         started = time.perf_counter()
         last = None
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         weights = {a: s, b: 1 - s}
         blend_d.append(tuple(style_distance(draw_styled(captions[x], weights), training_sets[x]) for x in (a, b)))
 
-    cfg = make_config(DEFAULT_PRESET)
+    cfg = make_config(DEFAULT_PRESET, **overrides)
     print(f"Style fidelity: {DEFAULT_PRESET} preset ({cfg.steps} steps, rank {cfg.rank}, lr {cfg.learning_rate:g}), "
           f"{EXAMPLE_SIZE} prompts per distance, {len(content_prompts)} for colour, {torch.get_num_threads()} CPU threads")
     header = "".join(f"{'d@' + format(s, 'g'):>7s}" for s in SCALES)
