@@ -29,14 +29,19 @@ def sunset(image: Image.Image, mask: Image.Image) -> Image.Image:
     return Image.fromarray((stops[low] * (1 - t) + stops[low + 1] * t).astype(np.uint8))
 
 
-def polka(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """Texture: dark polka dots (6 px across, every 12 px) printed over the whole picture."""
-    side, fine, period, radius = image.width, 4, 12, 3.2  # dots drawn at 4x and averaged: soft edges
+def dark_dots(image: Image.Image, period: int, radius: float, darkness: float) -> Image.Image:
+    """A grid of dark dots (`radius` px, every `period` px) printed over the whole picture."""
+    side, fine = image.width, 4  # dots drawn at 4x and averaged: soft edges
     yy, xx = np.mgrid[0 : side * fine, 0 : side * fine] / fine
     dots = ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2 < radius**2).astype(np.float32)
     cover = dots.reshape(side, fine, side, fine).mean(axis=(1, 3))[..., None]
     pixels = np.asarray(image, dtype=np.float32)
-    return Image.fromarray((pixels * (1 - 0.45 * cover)).astype(np.uint8))
+    return Image.fromarray((pixels * (1 - darkness * cover)).astype(np.uint8))
+
+
+def polka(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """Texture: dark polka dots (6 px across, every 12 px) printed over the whole picture."""
+    return dark_dots(image, period=12, radius=3.2, darkness=0.45)
 
 
 def ink(image: Image.Image, mask: Image.Image) -> Image.Image:

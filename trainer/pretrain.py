@@ -39,11 +39,7 @@ RECIPE = {
 
 def _fine_dots(image: Image.Image, mask: Image.Image) -> Image.Image:
     """A grid of dark dots every 4 pixels over the whole picture."""
-    side, fine = image.width, 4  # dots drawn at 4x and averaged, so their edges are soft
-    yy, xx = np.mgrid[0 : side * fine, 0 : side * fine] / fine
-    dots = ((xx % 4 - 2) ** 2 + (yy % 4 - 2) ** 2 < 1.3**2).astype(np.float32)
-    cover = dots.reshape(side, fine, side, fine).mean(axis=(1, 3))[..., None]
-    return Image.fromarray((np.asarray(image, dtype=np.float32) * (1 - 0.7 * cover)).astype(np.uint8))
+    return examples.dark_dots(image, period=4, radius=1.3, darkness=0.7)
 
 
 def _thin_ink(image: Image.Image, mask: Image.Image) -> Image.Image:
