@@ -180,8 +180,12 @@ def nearest_colour(rgb) -> str:
 def read_colours(image: Image.Image) -> tuple[str, str | None]:
     """(background colour, object colour) of a one-object scene; object None when nothing stands out.
 
-    The background is the median of the border pixels; the object is the median of the central
-    pixels that differ clearly from the background.
+    The background is the median of the border pixels. The object is the median of its core: the
+    central pixels that differ clearly from the background, are at least 2 px inside that region and
+    are not black. The core leaves out a dark outline drawn round the object (the ink example style:
+    half of its own small objects read black otherwise) and the blurred rim of the object, where
+    its colour mixes with the background. A black object, or one too small to have a core, is read
+    from all of its pixels.
     """
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     n = pixels.shape[0]
@@ -190,8 +194,14 @@ def read_colours(image: Image.Image) -> tuple[str, str | None]:
         [pixels[:edge].reshape(-1, 3), pixels[-edge:].reshape(-1, 3), pixels[:, :edge].reshape(-1, 3), pixels[:, -edge:].reshape(-1, 3)]
     )
     background = np.median(border, axis=0)
-    centre = pixels[n // 4 : 3 * n // 4, n // 4 : 3 * n // 4].reshape(-1, 3)
-    differs = centre[np.linalg.norm(centre - background, axis=1) > 60]
-    if len(differs) < 0.03 * len(centre):
+    stands_out = np.linalg.norm(pixels - background, axis=2) > 60
+    centre = (slice(n // 4, 3 * n // 4),) * 2
+    differs = pixels[centre][stands_out[centre]]
+    if len(differs) < 0.03 * (n // 2) ** 2:
         return nearest_colour(background), None
+    inside = np.asarray(Image.fromarray(stands_out.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(5))) > 0  # 2 px in
+    not_black = ((_PALETTE - pixels[..., None, :]) ** 2).sum(axis=-1).argmin(axis=-1) != _NAMES.index("black")
+    core = pixels[centre][(inside & not_black)[centre]]
+    if len(core) >= 0.05 * len(differs):
+        differs = core
     return nearest_colour(background), nearest_colour(np.median(differs, axis=0))
