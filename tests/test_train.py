@@ -14,7 +14,7 @@ from styles import formats
 from tests.conftest import pattern_image, train_style
 from styles.library import StyleLibrary
 from trainer.checkpoints import CheckpointDir
-from trainer.config import PRESETS, TrainConfig, make_config
+from trainer.config import LR_SCHEDULES, PRESETS, TrainConfig, make_config
 from trainer.data import ImageSet
 from trainer.events import Cancelled, Failed, Finished, Sample, Started, Step
 from trainer.train import TRAINING_ADAPTER, diffusion_loss, encode_images, encode_prompts, train
@@ -125,10 +125,12 @@ def _run(cfg, library, checkpoints=None, resume=False, stop_at=None):
     return events
 
 
-def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_adapter(tmp_path):
+@pytest.mark.parametrize("schedule", LR_SCHEDULES)
+def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_adapter(tmp_path, schedule):
     from safetensors.torch import load_file
 
-    cfg = make_config("Quick", style_name="same", steps=12, learning_rate=1e-3, num_samples=0, checkpoint_every=4)
+    cfg = make_config("Quick", style_name="same", steps=12, learning_rate=1e-3, lr_schedule=schedule, num_samples=0,
+                      checkpoint_every=4)
     straight = _run(cfg, StyleLibrary(tmp_path / "a"))
     checkpoints = CheckpointDir(tmp_path / "ckpt", keep=2)
     library = StyleLibrary(tmp_path / "b")
@@ -138,6 +140,11 @@ def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_adapter(tmp_
     resumed = _run(cfg, library, checkpoints, resume=True)
     assert resumed[0].resumed_from == 6 and len(resumed[0].losses) == 6
     assert [e.step for e in resumed if isinstance(e, Step)] == list(range(7, 13))
+    rates = [e.lr for e in stopped + resumed if isinstance(e, Step)]
+    if schedule == "cosine":  # from the full rate, falling every step, to near 0 at the end
+        assert rates[0] == 1e-3 and all(b < a for a, b in zip(rates, rates[1:])) and rates[-1] < 0.03e-3
+    else:
+        assert rates == [1e-3] * 12
     expected, got = load_file(straight[-1].path), load_file(resumed[-1].path)
     # Same seed, same data, same order of random draws: equal to float rounding (1e-6 is generous on CPU).
     assert expected.keys() == got.keys() and all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
@@ -182,6 +189,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         ({"style_name": "../evil"}, "not allowed"),
         ({"style_name": "ok", "rank": 0}, "rank = 0 is outside"),
         ({"style_name": "ok", "precision": "fp8"}, "precision must be one of"),
+        ({"style_name": "ok", "lr_schedule": "linear"}, "lr_schedule must be one of constant, cosine"),
         ({"style_name": "ok", "target_modules": []}, "target_modules is empty"),
     ],
 )
@@ -193,7 +201,7 @@ def test_invalid_config_is_refused_with_the_reason(overrides, message):
 def test_presets_and_overrides():
     assert set(PRESETS) == {"Quick", "Balanced", "Best", "Low memory"}
     balanced = make_config("Balanced", style_name="x")
-    assert (balanced.rank, balanced.lora_alpha, balanced.learning_rate) == (16, 16.0, 1e-4)
+    assert (balanced.rank, balanced.lora_alpha, balanced.learning_rate, balanced.steps, balanced.batch_size) == (16, 16.0, 3e-4, 1000, 4)
     assert make_config("Best", style_name="x", rank=8).lora_alpha == 8.0
     cfg = make_config("Quick", style_name="x", steps=3)
     assert TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg

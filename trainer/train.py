@@ -204,13 +204,16 @@ def train(
                 )
                 return
             accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+            lr = scheduled_lr(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
             losses.append(loss_value)
             rate = (done - first_step) / (time.perf_counter() - started)
-            yield Step(done, cfg.steps, loss_value, cfg.learning_rate, rate, (cfg.steps - done) / rate)
+            yield Step(done, cfg.steps, loss_value, lr, rate, (cfg.steps - done) / rate)
             if tensorboard:
                 accelerator.log({"loss": loss_value, "it_per_s": rate}, step=done)
             if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps and accelerator.is_main_process:
@@ -290,6 +293,14 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: t
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate)
     cuda = device.type == "cuda"
     return torch.optim.AdamW(params, lr=cfg.learning_rate, fused=cuda, foreach=not cuda)
+
+
+def scheduled_lr(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step `step` (0-based). A pure function of the step rather than a torch
+    LR scheduler, so a run resumed from a checkpoint needs no scheduler state to continue exactly."""
+    if cfg.lr_schedule == "cosine":  # half a cosine, from the full rate down to 0 (Loshchilov & Hutter 2017, SGDR)
+        return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    return cfg.learning_rate
 
 
 def move_encoders(pipe, device: torch.device) -> None:
