@@ -1,6 +1,6 @@
 """Does a trained style show up, in proportion to its slider, and leave the content alone?
 
-    python -m bench.style_fidelity            # about 5 minutes on 2 CPU cores
+    python -m bench.style_fidelity            # about 12 minutes on 2 CPU cores
 
 For each example style (trainer/examples.py): train it with the default preset, then draw the
 content of its training captions with fixed seeds at several scales and
