@@ -44,11 +44,16 @@ def polka(image: Image.Image, mask: Image.Image) -> Image.Image:
     return dark_dots(image, period=12, radius=3.2, darkness=0.45)
 
 
+def ink_outline(image: Image.Image, mask: Image.Image, width: int) -> Image.Image:
+    """The objects of `mask` outlined with a dark ink line `width` pixels wide."""
+    styled = image.copy()
+    styled.paste(scenes.INK, mask=scenes.outline(mask, width))
+    return styled
+
+
 def ink(image: Image.Image, mask: Image.Image) -> Image.Image:
     """Lines: every object outlined with a dark ink line three pixels wide."""
-    styled = image.copy()
-    styled.paste(scenes.INK, mask=scenes.outline(mask, width=3))
-    return styled
+    return ink_outline(image, mask, width=3)
 
 
 @dataclass(frozen=True)

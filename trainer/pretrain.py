@@ -44,9 +44,7 @@ def _fine_dots(image: Image.Image, mask: Image.Image) -> Image.Image:
 
 def _thin_ink(image: Image.Image, mask: Image.Image) -> Image.Image:
     """Objects outlined with a dark line two pixels wide."""
-    styled = image.copy()
-    styled.paste(scenes.INK, mask=scenes.outline(mask, width=2))
-    return styled
+    return examples.ink_outline(image, mask, width=2)
 
 
 # The looks the VAE's extra renders go through, so it learns to draw palettes, fine texture and
