@@ -172,9 +172,13 @@ _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _NAMES = list(COLOURS)
 
 
+def _nearest_index(rgb) -> np.ndarray:
+    """Index into the palette of the nearest named colour, for one RGB value or an array of them."""
+    return ((_PALETTE - np.asarray(rgb, dtype=np.float32)[..., None, :]) ** 2).sum(axis=-1).argmin(axis=-1)
+
+
 def nearest_colour(rgb) -> str:
-    distances = ((_PALETTE - np.asarray(rgb, dtype=np.float32)) ** 2).sum(axis=1)
-    return _NAMES[int(distances.argmin())]
+    return _NAMES[int(_nearest_index(rgb))]
 
 
 def read_colours(image: Image.Image) -> tuple[str, str | None]:
@@ -195,13 +199,14 @@ def read_colours(image: Image.Image) -> tuple[str, str | None]:
     )
     background = np.median(border, axis=0)
     stands_out = np.linalg.norm(pixels - background, axis=2) > 60
-    centre = (slice(n // 4, 3 * n // 4),) * 2
-    differs = pixels[centre][stands_out[centre]]
+    middle = slice(n // 4, 3 * n // 4)
+    centre = pixels[middle, middle]
+    differs = centre[stands_out[middle, middle]]
     if len(differs) < 0.03 * (n // 2) ** 2:
         return nearest_colour(background), None
+    # The erosion runs on the whole picture, so an object that crosses the centre's edge keeps its core there.
     inside = np.asarray(Image.fromarray(stands_out.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(5))) > 0  # 2 px in
-    not_black = ((_PALETTE - pixels[..., None, :]) ** 2).sum(axis=-1).argmin(axis=-1) != _NAMES.index("black")
-    core = pixels[centre][(inside & not_black)[centre]]
+    core = centre[inside[middle, middle] & (_nearest_index(centre) != _NAMES.index("black"))]
     if len(core) >= 0.05 * len(differs):
         differs = core
     return nearest_colour(background), nearest_colour(np.median(differs, axis=0))
