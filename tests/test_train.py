@@ -17,6 +17,7 @@ from trainer.checkpoints import CheckpointDir
 from trainer.config import LR_SCHEDULES, PRESETS, TrainConfig, make_config
 from trainer.data import ImageSet
 from trainer.events import Cancelled, Failed, Finished, Sample, Started, Step
+from trainer.graphs import UNetForward
 from trainer.train import TRAINING_ADAPTER, diffusion_loss, encode_images, encode_prompts, train
 
 
@@ -43,7 +44,7 @@ def test_training_lowers_the_loss_and_changes_the_unet(base, library):
     scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
     batch = _fixed_batch(base, images, cfg)
     with torch.no_grad():
-        loss_before = diffusion_loss(base.pipe.unet, scheduler, *batch).item()
+        loss_before = diffusion_loss(UNetForward(base.pipe.unet), scheduler, *batch).item()
         out_before = base.pipe.unet(batch[0], batch[3], batch[1]).sample
 
     events = iter(train(cfg, images, base, library))
@@ -54,7 +55,7 @@ def test_training_lowers_the_loss_and_changes_the_unet(base, library):
         if isinstance(event, Step) and event.step == cfg.steps:
             break
     with torch.no_grad():
-        loss_after = diffusion_loss(base.pipe.unet, scheduler, *batch).item()
+        loss_after = diffusion_loss(UNetForward(base.pipe.unet), scheduler, *batch).item()
         out_after = base.pipe.unet(batch[0], batch[3], batch[1]).sample
     rest = list(events)
 
@@ -243,6 +244,18 @@ def test_gradient_checkpointing_gives_the_same_losses_and_is_switched_off_again(
     plain = _losses(list(train(make_config("Quick", **options), _images(), base, library, overwrite=True)))
     assert len(plain) == 4 and plain[0] != plain[-1]
     assert plain == pytest.approx(checkpointed, rel=1e-5, abs=1e-7)
+
+
+def test_a_failed_graph_capture_falls_back_to_the_eager_unet_with_the_reason(base):
+    """Where CUDA graphs cannot be captured (here: no CUDA at all), the step runs eagerly and gives the same output."""
+    from trainer.graphs import GraphedForward
+
+    latents, embeds, _, timesteps = _fixed_batch(base, _images(), make_config("Quick", style_name="graphs"))
+    eager = UNetForward(base.pipe.unet)
+    graphed = GraphedForward(eager)
+    with torch.no_grad():
+        assert torch.equal(graphed(latents, timesteps, embeds), eager(latents, timesteps, embeds))
+    assert graphed.graphed is None and "CUDA" in graphed.failure
 
 
 def test_channels_last_trains_and_gives_the_unet_back_as_it_came(base, library):

@@ -82,6 +82,12 @@ class TrainConfig:
         False, "torch.compile the UNet: faster steps after a minute or more of compiling at the start (CUDA GPU only).",
         choices=BOOLEANS,
     )
+    cuda_graphs: bool = _field(
+        True, "Replay the UNet's forward and backward as CUDA graphs, captured at the first step: several times faster "
+        "steps on a GPU, where launching thousands of small kernels costs more than running them (CUDA GPU only; "
+        "ignored elsewhere and with compile).",
+        choices=BOOLEANS,
+    )
 
     # -- derived values -------------------------------------------------------------
     @property

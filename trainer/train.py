@@ -10,7 +10,8 @@ image-size ids); `Conditioning` carries it, so the loop reads the same for every
 Lighter and faster than that example on a GPU (issue 5; `python -m bench.train_speed` measures
 both): frozen weights in bf16/fp16 with fp32 LoRA weights and no autocast (base.py), no VAE or
 text encoder at all in the loop (they wait on the CPU), fused AdamW, and SDPA attention (diffusers'
-default AttnProcessor2_0). TrainConfig switches on more: gradient checkpointing, 8-bit AdamW,
+default AttnProcessor2_0), and the UNet's forward and backward replayed as CUDA graphs
+(trainer/graphs.py). TrainConfig switches on more: gradient checkpointing, 8-bit AdamW,
 channels-last convolutions and torch.compile.
 """
 
@@ -42,6 +43,7 @@ from trainer.checkpoints import CheckpointDir, TrainingState
 from trainer.config import TrainConfig
 from trainer.data import ImageSet
 from trainer.events import Cancelled, Checkpoint, Event, Failed, Finished, Sample, Started, Step
+from trainer.graphs import GraphedForward, UNetForward
 
 TRAINING_ADAPTER = "style_studio_training"  # not "training": nn.Module has that attribute
 ENCODE_BATCH = 8
@@ -142,8 +144,11 @@ def train(
             if len(state.generators) == accelerator.num_processes:
                 generator.set_state(state.generators[accelerator.process_index])
         model, optimizer = accelerator.prepare(unet, optimizer)  # DDP wrapper under accelerate launch
+        forward = UNetForward(model)
         if cfg.compile:
-            model = torch.compile(model)  # compiles on the first step; the unwrapped unet keeps the weights
+            forward = torch.compile(forward)  # compiles on the first step; the unwrapped unet keeps the weights
+        elif cfg.cuda_graphs and device.type == "cuda" and accelerator.num_processes == 1:
+            forward = GraphedForward(forward)  # captured at the first step (DDP's collectives would need more care)
         style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash, "num_images": str(len(images)),
                       "processes": str(accelerator.num_processes)}
 
@@ -190,7 +195,7 @@ def train(
                 cond = cond.with_dropout(dropped, empty)
             try:
                 loss = diffusion_loss(
-                    model, noise_scheduler, latents.to(device), cond.to(device), noise.to(device), timesteps.to(device), base.dtype
+                    forward, noise_scheduler, latents.to(device), cond.to(device), noise.to(device), timesteps.to(device), base.dtype
                 )
                 accelerator.backward(loss)
             except torch.OutOfMemoryError:
@@ -355,17 +360,15 @@ class Conditioning:
         pooled = None if self.pooled is None else torch.where(dropped[:, None], empty.pooled, self.pooled)
         return Conditioning(text, pooled, self.time_ids)
 
-    def unet_kwargs(self, dtype: torch.dtype) -> dict:
-        """Keyword arguments of the UNet's forward call."""
-        kwargs = {"encoder_hidden_states": self.text.to(dtype)}
-        if self.pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
-        return kwargs
+    def tensors(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The conditioning arguments of UNetForward: text embeddings, then SDXL's pooled embedding and time ids."""
+        return tuple(t.to(dtype) for t in (self.text, self.pooled, self.time_ids) if t is not None)
 
 
-def diffusion_loss(unet, noise_scheduler, latents, cond, noise, timesteps, dtype=torch.float32) -> torch.Tensor:
+def diffusion_loss(forward, noise_scheduler, latents, cond, noise, timesteps, dtype=torch.float32) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (noise, or velocity for v-prediction).
 
+    `forward` is the UNet as a UNetForward (or its graphed or compiled form).
     `cond` is a Conditioning, or the text embeddings alone for an SD 1.x/2.x UNet.
     """
     cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
@@ -374,7 +377,7 @@ def diffusion_loss(unet, noise_scheduler, latents, cond, noise, timesteps, dtype
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    prediction = unet(noisy.to(dtype), timesteps, **cond.unet_kwargs(dtype)).sample
+    prediction = forward(noisy.to(dtype), timesteps, *cond.tensors(dtype))
     return F.mse_loss(prediction.float(), target.float())
 
 
