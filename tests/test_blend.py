@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 
 from styles import formats
 from styles.blend import Blender, _blended_weight
@@ -124,7 +125,7 @@ def test_two_styles_add(blender, library, base_weights, fuse):
 def test_unknown_style_and_bad_scale_are_refused_before_anything_changes(blender):
     blender.apply({"ink": 1.0})
     active_before = blender.base.pipe.get_active_adapters()
-    weight = blender.base.pipe.unet.get_submodule(LAYER).base_layer.weight
+    weight = blender.base.pipe.unet.get_submodule(LAYER).weight
     writes_before = weight._version  # bumped by every in-place write
     with pytest.raises(ValueError, match=r"Unknown style\(s\): nope. Available styles: ink, pastel"):
         blender.apply({"nope": 1.0, "pastel": 1.0})
@@ -216,22 +217,32 @@ def test_after_many_slider_moves_all_zero_is_the_base_bit_for_bit(library, train
     _assert_base_weights(blender, base_weights)
 
 
-def test_lora_branches_do_not_run_while_fused(blender):
+def test_lora_layers_are_out_of_the_unet_while_fused(blender):
+    """Fused, the UNet runs its own plain layers (no peft wrapper, no branch); unfused, the branches run."""
+    unet = blender.base.pipe.unet
+    blender.fuse = False
     blender.apply({"ink": 1.0, "pastel": -0.5})  # loads the styles: now their LoRA layers exist
     calls = []
-    for name, module in blender.base.pipe.unet.named_modules():
+    for name, module in unet.named_modules():
         if name.endswith(("lora_A.ink", "lora_A.pastel")):
             module.register_forward_hook(lambda *_: calls.append(1))
     _image(blender, {"ink": 1.0, "pastel": -0.5})
+    assert calls  # the hooks do see the branches when they run
+    calls.clear()
+    blender.fuse = True
+    _image(blender, {"ink": 1.0, "pastel": -0.5})
     assert not calls
+    assert not any(isinstance(module, LoraLayer) for module in unet.modules())
+    blender.apply({})  # the wrappers are back where they were, ready for peft
+    assert any(isinstance(module, LoraLayer) for module in unet.modules())
     blender.fuse = False
     _image(blender, {"ink": 1.0, "pastel": -0.5})
-    assert calls  # the hooks do see the branches when they run
+    assert calls
 
 
 def test_the_same_scales_again_write_nothing(blender):
     first = _image(blender, {"ink": 0.5})
-    weight = blender.base.pipe.unet.get_submodule(LAYER).base_layer.weight
+    weight = blender.base.pipe.unet.get_submodule(LAYER).weight
     writes = weight._version  # bumped by every in-place write
     assert np.array_equal(_image(blender, {"ink": 0.5, "pastel": 0}), first)
     assert weight._version == writes
