@@ -202,7 +202,7 @@ def test_invalid_config_is_refused_with_the_reason(overrides, message):
 def test_presets_and_overrides():
     assert set(PRESETS) == {"Quick", "Balanced", "Best", "Low memory"}
     balanced = make_config("Balanced", style_name="x")
-    assert (balanced.rank, balanced.lora_alpha, balanced.learning_rate, balanced.steps, balanced.batch_size) == (16, 16.0, 3e-4, 1000, 4)
+    assert (balanced.rank, balanced.lora_alpha, balanced.learning_rate, balanced.steps, balanced.batch_size) == (8, 8.0, 3e-4, 1000, 4)
     assert make_config("Best", style_name="x", rank=8).lora_alpha == 8.0
     cfg = make_config("Quick", style_name="x", steps=3)
     assert TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg
