@@ -236,7 +236,14 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
     def refresh_jobs(picked, known_ids):
         ids = [r.id for r in studio.jobs.jobs()]
-        picker_update = gr.skip() if known_ids == ids else gr.update(choices=ids, value=picked or (ids[0] if ids else None))
+        if known_ids == ids:
+            picker_update = gr.skip()
+        elif picked:
+            # New choices only: `picked` is what the picker held when this tick started, and a job submitted
+            # meanwhile has picked itself since; writing the old value back would follow the wrong job.
+            picker_update = gr.update(choices=ids)
+        else:
+            picker_update = gr.update(choices=ids, value=ids[0] if ids else None)
         return jobs_table(), picker_update, ids
 
     @user_errors
