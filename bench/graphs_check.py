@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from styles.library import StyleLibrary
 from trainer.base import load_base
 from trainer.config import make_config
 from trainer.data import ImageSet
-from trainer.events import Finished, Step
+from trainer.events import Finished, Started, Step
 from trainer.examples import EXAMPLES
 from trainer.train import train
 
@@ -33,9 +34,8 @@ for label, opts in {"graphs": {}, "eager": {"cuda_graphs": False}, "graphs+ckpt"
             if isinstance(ev, Step):
                 losses.append(ev.loss)
             elif isinstance(ev, Finished):
-                from safetensors.torch import load_file
                 weights = load_file(Path(ev.path))
-            elif type(ev).__name__ != "Started":
+            elif not isinstance(ev, Started):
                 print(label, ev)
         runs[label] = (losses, weights)
         print(f"RESULT {label}: {time.perf_counter() - t0:.1f} s, mean loss first 50 {sum(losses[:50]) / 50:.4f} last 50 {sum(losses[-50:]) / 50:.4f}")

@@ -21,6 +21,7 @@ from peft import LoraConfig
 from diffusers.training_utils import cast_training_params
 
 from bench.train_speed import build_base
+from trainer.graphs import UNetForward
 
 variant, arch, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 base = build_base(arch)
@@ -36,16 +37,6 @@ sdxl = base.family == "sdxl"
 width = 2048 if sdxl else 768
 
 
-class UNetCall(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, noisy, t, text, pooled=None, time_ids=None):
-        kw = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}} if sdxl else {}
-        return self.unet(noisy, t, encoder_hidden_states=text, return_dict=False, **kw)[0]
-
-
 def inputs():
     lat = torch.randn(batch, 4, side, side, device=dev)
     noise = torch.randn_like(lat)
@@ -57,7 +48,7 @@ def inputs():
     return args, noise
 
 
-call = UNetCall(unet)
+call = UNetForward(unet)  # what train() graphs: the UNet's prediction from positional tensors
 unet.train()
 t0 = time.perf_counter()
 if variant == "graphed":

@@ -4,7 +4,7 @@ Why graphs: a LoRA training step of an SD UNet launches thousands of small kerne
 512 px, batch 1: about 7,900 per step, forward and backward), and on a GPU the Python and launch
 work behind them takes longer than the kernels themselves: the GPU sits idle most of the step.
 torch.cuda.make_graphed_callables records the forward's and the backward's kernels once and
-replays each as one launch (measured on an H100: 31 ms a step instead of 134; `bench/train_speed`).
+replays each as one launch (measured on an H100: 31 ms a step instead of 134; `bench/step_variants`).
 Shapes must stay the same from step to step, which they do here: fixed batch size and resolution.
 """
 
