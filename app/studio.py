@@ -6,14 +6,15 @@ Handlers raise ValueError with a message meant for the user; the UI layer turns 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.files import staged_folder, write_bytes_atomic
+from core.names import check_style_name, safe_style_name
 from styles import formats
 from styles.blend import Blender, save_png
-from styles.library import StyleLibrary, check_style_name, safe_style_name
+from styles.library import StyleLibrary
 from trainer.base import load_base
 from trainer.config import DEFAULT_PRESET, make_config, read_settings, write_settings
 from trainer.data import UploadLimits, ingest
@@ -69,11 +70,7 @@ class Studio:
         settings = {key: value for key, value in settings.items() if value not in (None, "", [])}
         make_config(preset, **settings)  # refuse unknown fields now, not when the preset is loaded
         self.presets.mkdir(exist_ok=True)
-        target = self.presets / f"{name}.toml"
-        staging = target.with_name(f".{name}-{time.monotonic_ns()}.toml")
-        write_settings(staging, {"preset": preset, **settings})
-        staging.replace(target)  # whole or not at all
-        return target
+        return write_settings(self.presets / f"{name}.toml", {"preset": preset, **settings})
 
     def load_preset(self, name: str) -> tuple[str, dict]:
         """(built-in preset, settings) of a saved preset."""
@@ -94,12 +91,11 @@ class Studio:
             raise ValueError(f"Unknown example {name!r}; choose one of {', '.join(EXAMPLES)}.")
         folder = self.workspace / "examples" / name
         if not folder.is_dir():
-            staging = folder.with_name(f".{name}-{time.monotonic_ns()}")
-            EXAMPLES[name].write(staging)
             try:
-                staging.rename(folder)  # atomic: a half-written example folder is never seen
-            except OSError:  # another session wrote it first
-                shutil.rmtree(staging, ignore_errors=True)
+                with staged_folder(folder) as staging:  # a half-written example folder is never seen
+                    EXAMPLES[name].write(staging)
+            except FileExistsError:  # another session wrote it first
+                pass
         style_name = next(
             candidate
             for candidate in [name] + [f"{name}-{i}" for i in range(2, 1000)]
@@ -140,7 +136,7 @@ class Studio:
             tensors, metadata = formats.to_kohya(source, self.layout.layers_per_block)
             formats.write_atomic(target, tensors, metadata)
         else:
-            formats.write_bytes_atomic(target, source.read_bytes())
+            write_bytes_atomic(target, source.read_bytes())
         return target
 
     def import_style(self, path: str | Path, name: str = "") -> tuple[str, list[str]]:

@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
+from core.files import PICKLE_SUFFIXES, read_safetensors_header, write_bytes_atomic
+from core.names import ATTENTION_PROJECTIONS
 from styles import kohya
 
 UNET_PREFIX = "unet."
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 OUR_PREFIX = "style_studio."
-MAX_HEADER_BYTES = 16 * 1024 * 1024  # a LoRA header is kilobytes; anything near this is not a style
 
 
 def encode_style(
@@ -52,47 +50,10 @@ def encode_style(
 
 
 def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write a safetensors file whole or not at all: a temporary file in the same folder, then rename."""
-    path = Path(path)
-    data = safetensors.torch.save(tensors, metadata=metadata)
-    write_bytes_atomic(path, data)
-    return path
+    """Write a safetensors file whole or not at all (core.files.write_bytes_atomic)."""
+    return write_bytes_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict]]:
-    """(metadata, tensor table) of a safetensors file, read without loading any tensor.
-
-    Raises ValueError with the reason when the file is not a sane safetensors file.
-    """
-    path = Path(path)
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path.name} is not a safetensors file (too short).")
-        (size,) = struct.unpack("<Q", head)
-        if size > MAX_HEADER_BYTES or size > path.stat().st_size - 8:
-            raise ValueError(f"{path.name} is not a safetensors file (header size {size} is implausible).")
-        try:
-            header = json.loads(handle.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path.name} is not a safetensors file (its header is not JSON).") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path.name} is not a safetensors file (its header is not a table).")
-    metadata = header.pop("__metadata__", None) or {}
-    return metadata, header
 
 
 def style_info(metadata: dict[str, str]) -> dict[str, str]:
@@ -108,7 +69,7 @@ def lora_config(metadata: dict[str, str]) -> dict:
 
 def read_style(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and metadata of a style file."""
-    metadata, _ = read_header(path)
+    metadata, _ = read_safetensors_header(path)
     return safetensors.torch.load_file(str(path)), metadata
 
 
@@ -116,11 +77,9 @@ def read_style(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 # An adapter file is data, never code: only safetensors are read (the format cannot run code when
 # loaded), and every tensor is checked against the base model before anything else touches it.
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 MAX_ADAPTER_BYTES = 2 * 1024**3  # the largest SDXL LoRAs with text encoders are about 1 GB
 MAX_RANK = 512
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # what a style adapts (TrainConfig's targets)
 UNSUPPORTED_PARTS = {  # key fragments of adapter kinds that are not LoRA, with their names for the message
     "hada_": "LoHa (LyCORIS)",
     "lokr_": "LoKr (LyCORIS)",
@@ -179,7 +138,7 @@ def check_adapter_file(path: str | Path) -> tuple[dict[str, str], dict[str, dict
     if path.stat().st_size > MAX_ADAPTER_BYTES:
         raise ValueError(f"{path.name} is {path.stat().st_size / 1024**3:.1f} GB; a LoRA adapter is at most "
                          f"{MAX_ADAPTER_BYTES / 1024**3:.0f} GB. Is it a whole model checkpoint?")
-    metadata, table = read_header(path)
+    metadata, table = read_safetensors_header(path)
     if not table:
         raise ValueError(f"{path.name} holds no tensors.")
     for key, entry in table.items():

@@ -11,32 +11,17 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from core.files import read_safetensors_header, write_bytes_atomic
+from core.names import STYLE_NAME_PATTERN, check_style_name
 from styles import formats
 
-STYLE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 STYLE_SUFFIX = ".safetensors"
 THUMB_SUFFIX = ".png"
 
-
-def check_style_name(name: str) -> str:
-    """Return the name if it is safe as a file name and adapter name, else raise ValueError."""
-    if not isinstance(name, str) or not STYLE_NAME_PATTERN.match(name):
-        raise ValueError(
-            f"Style name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_', "
-            "starting with a letter or digit."
-        )
-    return name
-
-
-def safe_style_name(text: str) -> str:
-    """A valid style name made from free text (e.g. a file name): unsafe characters become '-'."""
-    name = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")[:64]
-    return name or "imported"
 
 
 @dataclass
@@ -101,7 +86,7 @@ class StyleLibrary:
         path = self.path_for(name)
         if not path.is_file():
             raise ValueError(f"No style named {name!r}. Available styles: {', '.join(self.names()) or 'none yet'}.")
-        metadata, _ = formats.read_header(path)
+        metadata, _ = read_safetensors_header(path)
         info = formats.style_info(metadata)
         thumb = path.with_suffix(THUMB_SUFFIX)
         return StyleInfo(
@@ -130,7 +115,7 @@ class StyleLibrary:
         if thumbnail is not None:
             buffer = io.BytesIO()
             thumbnail.save(buffer, format="PNG")
-            formats.write_bytes_atomic(path.with_suffix(THUMB_SUFFIX), buffer.getvalue())
+            write_bytes_atomic(path.with_suffix(THUMB_SUFFIX), buffer.getvalue())
         return formats.write_atomic(path, tensors, metadata)
 
     def import_file(self, source: str | Path, name: str, layout: formats.UnetLayout, family: str) -> tuple[StyleInfo, list[str]]:

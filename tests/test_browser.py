@@ -101,7 +101,7 @@ def test_upload_train_blend_two_sliders_generate_and_download(page, tmp_path):
     page, workspace = page
     from playwright.sync_api import expect
 
-    from styles import formats
+    from core.files import read_safetensors_header
     from tests.conftest import pattern_image
 
     expect.set_options(timeout=STEP_TIMEOUT_MS)
@@ -151,6 +151,6 @@ def test_upload_train_blend_two_sliders_generate_and_download(page, tmp_path):
         link.click()
     saved = tmp_path / "zigzag.safetensors"
     download.value.save_as(saved)
-    metadata, table = formats.read_header(saved)
+    metadata, table = read_safetensors_header(saved)
     assert metadata["ss_output_name"] == "zigzag" and all(key.startswith("lora_unet_") for key in table)
     _screenshot(page, "styles-tab-download")

@@ -7,6 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from core.files import read_safetensors_header
 from styles import formats
 from styles.blend import Blender
 from tests.conftest import train_style
@@ -39,13 +40,13 @@ def test_stock_diffusers_loads_the_export_and_matches_our_blender(library, base,
 
 def test_header_is_read_without_loading_tensors_and_garbage_is_refused(library, tmp_path):
     path = train_style(library, "ink", seed=3).path
-    metadata, table = formats.read_header(path)
+    metadata, table = read_safetensors_header(path)
     assert metadata["format"] == "pt" and all(key.startswith("unet.") for key in table)
     for name, data in [("short.safetensors", b"abc"), ("huge.safetensors", (2**40).to_bytes(8, "little") + b"{}"),
                        ("text.safetensors", (5).to_bytes(8, "little") + b"hello")]:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match="not a safetensors file"):
-            formats.read_header(tmp_path / name)
+            read_safetensors_header(tmp_path / name)
 
 
 # -- kohya layout and imports -----------------------------------------------------------------------
@@ -80,7 +81,7 @@ def kohya_file(style_path, tmp_path, family_naming: str = "sd1"):
 def test_kohya_export_keeps_the_trained_alpha_and_stock_diffusers_draws_what_we_draw(library, base, tmp_path):
     style = train_style(library, "ink", seed=3, rank=4, alpha=12.0).path
     exported = kohya_file(style, tmp_path)
-    metadata, table = formats.read_header(exported)
+    metadata, table = read_safetensors_header(exported)
     assert all(key.startswith("lora_unet_") for key in table)
     alphas = [value for key, value in safetensors.torch.load_file(exported).items() if key.endswith(".alpha")]
     assert alphas and all(float(a) == 12.0 for a in alphas)  # diffusers' own converter would write 4 (the rank)

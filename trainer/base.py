@@ -26,7 +26,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
-from styles.formats import PICKLE_SUFFIXES  # one list of pickle suffixes, for base models and adapters alike
+from core.files import PICKLE_SUFFIXES
 from trainer import embedded
 
 # The text-to-image pipelines we train on, by the class name a diffusers folder's model_index.json gives.

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from styles import formats
+from core.files import read_safetensors_header, write_bytes_atomic
 
 NAME = re.compile(r"^step-(\d{6,})\.safetensors$")
 ADAPTER = "adapter."
@@ -75,7 +75,7 @@ class CheckpointDir:
             "param_groups": json.dumps(optimizer["param_groups"]),
             "info": json.dumps(state.info),
         }
-        path = formats.write_atomic(self.folder / f"step-{state.step:06d}.safetensors", tensors, metadata)
+        path = write_bytes_atomic(self.folder / f"step-{state.step:06d}.safetensors", safetensors.torch.save(tensors, metadata))
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
@@ -94,7 +94,7 @@ class CheckpointDir:
         """(step, losses) of the newest checkpoint whose header reads, without loading its tensors."""
         for path in reversed(self.paths()):
             try:
-                metadata, _ = formats.read_header(path)
+                metadata, _ = read_safetensors_header(path)
                 return int(metadata["step"]), json.loads(metadata["losses"])
             except (ValueError, OSError, KeyError):
                 continue
@@ -104,7 +104,7 @@ class CheckpointDir:
 def load(path: str | Path) -> TrainingState:
     """Read one checkpoint; raises ValueError (or OSError) when the file is damaged."""
     path = Path(path)
-    metadata, _ = formats.read_header(path)  # refuses a truncated or foreign file before loading
+    metadata, _ = read_safetensors_header(path)  # refuses a truncated or foreign file before loading
     tensors = safetensors.torch.load_file(str(path))
     adapter = {k[len(ADAPTER):]: v for k, v in tensors.items() if k.startswith(ADAPTER)}
     moments: dict[int, dict[str, torch.Tensor]] = {}

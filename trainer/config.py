@@ -2,7 +2,7 @@
 
 Every field carries a one-line help (as peft's LoraConfig does); the UI's Advanced
 accordion, the CLI and the style file's metadata are all derived from these fields.
-This module imports no torch so the UI can read it.
+This module imports no torch (tests/test_layers.py checks), so the UI and the CLI's --help read it at once.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from styles.library import check_style_name
+from core.files import write_text_atomic
+from core.names import ATTENTION_PROJECTIONS, check_style_name
 
 DEFAULT_CAPTION_TEMPLATE = "an image in the style of {trigger}"
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_TARGET_MODULES = ATTENTION_PROJECTIONS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULES = ("constant", "cosine")
@@ -175,7 +176,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def write_settings(path: str | Path, values: dict[str, Any]) -> Path:
-    """Write field values as flat TOML (what read_settings and `python -m trainer --config` read back).
+    """Write field values as flat TOML (what read_settings and `python -m trainer --config` read back), whole or not at all.
 
     Values are str, int, float, bool or lists of str; JSON's string and array syntax is valid TOML.
     """
@@ -188,9 +189,7 @@ def write_settings(path: str | Path, values: dict[str, Any]) -> Path:
         else:
             text = json.dumps(value, ensure_ascii=False)
         lines.append(f"{key} = {text}")
-    path = Path(path)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def bitsandbytes_installed() -> bool:

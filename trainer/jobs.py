@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from styles import formats
+from core.files import staged_folder, write_text_atomic
 from styles.library import StyleLibrary
 from trainer.config import TrainConfig
 from trainer.data import ImageSet
@@ -221,10 +221,8 @@ class JobManager:
                 if other.style_name == cfg.style_name and other.state in ACTIVE:
                     raise ValueError(f"A job for a style named {cfg.style_name!r} is already {other.state}; pick another name.")
             job_id = f"{max([int(i) for i in self._records] + [0]) + 1:04d}"
-            folder = self._dir(job_id)
-            staging = folder.with_name(f".{job_id}-{time.monotonic_ns()}")
-            _write_images(staging / "images", images)
-            staging.rename(folder)  # a job folder appears whole or not at all
+            with staged_folder(self._dir(job_id)) as folder:  # a job folder appears whole or not at all
+                _write_images(folder / "images", images)
             record = JobRecord(job_id, cfg.style_name, cfg.to_dict(), self.model, total_steps=cfg.steps,
                                skipped=images.skipped_lines())
             self._records[job_id], self._progress[job_id] = record, Progress()
@@ -400,7 +398,7 @@ class JobManager:
         self._lock.notify_all()
 
     def _write(self, record: JobRecord) -> None:
-        formats.write_bytes_atomic(self._dir(record.id) / "job.json", json.dumps(asdict(record), indent=1).encode())
+        write_text_atomic(self._dir(record.id) / "job.json", json.dumps(asdict(record), indent=1))
 
     def _save_samples(self, job_id: str, event: Sample) -> list[tuple[str, str]]:
         folder = self._dir(job_id) / "samples"

@@ -1,0 +1,4 @@
+"""The torch-free bottom layer: style names, whole-or-nothing file writes, the safetensors header reader.
+
+Everything above may import it (`styles`, `trainer`, `app`); it imports nothing of the project.
+"""

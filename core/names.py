@@ -1,0 +1,34 @@
+"""Names every layer agrees on: what a style may be called, and which UNet layers a style adapts."""
+
+from __future__ import annotations
+
+import re
+
+STYLE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# The UNet attention projections a style adapts by default (TrainConfig.target_modules), and the
+# only modules an imported adapter keeps.
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def check_style_name(name: str) -> str:
+    """Return the name if it is safe as a file name and adapter name, else raise ValueError.
+
+    >>> check_style_name("ink-2")
+    'ink-2'
+    """
+    if not isinstance(name, str) or not STYLE_NAME_PATTERN.match(name):
+        raise ValueError(
+            f"Style name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_', "
+            "starting with a letter or digit."
+        )
+    return name
+
+
+def safe_style_name(text: str) -> str:
+    """A valid style name made from free text (e.g. a file name): unsafe characters become '-'.
+
+    >>> safe_style_name("My Pixel Art (v2)")
+    'My-Pixel-Art-v2'
+    """
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")[:64]
+    return name or "imported"
