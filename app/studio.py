@@ -18,7 +18,7 @@ from styles.library import StyleLibrary
 from trainer.base import load_base
 from trainer.config import DEFAULT_PRESET, make_config, read_settings, write_settings
 from trainer.data import UploadLimits, ingest
-from trainer.examples import EXAMPLES
+from embedded.examples import EXAMPLES
 from trainer.jobs import JobManager, JobRecord, Progress
 
 EXPORT_LAYOUTS = ("kohya", "diffusers")  # the first is the default download

@@ -19,7 +19,7 @@ from app.studio import Studio, describe
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from trainer.config import DEFAULT_CAPTION_TEMPLATE, DEFAULT_PRESET, PRESETS, config_fields
 from trainer.data import MB
-from trainer.examples import EXAMPLES
+from embedded.examples import EXAMPLES
 
 TOP_FIELDS = ("style_name", "trigger", "caption_template")  # shown above the Advanced accordion
 ADVANCED_FIELDS = [f for f in config_fields() if f.name not in TOP_FIELDS]

@@ -17,7 +17,7 @@ import time
 import torch
 
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from trainer import scenes
+from embedded import scenes
 from trainer.base import load_base
 
 BATCH = 9

@@ -17,7 +17,7 @@ from trainer.base import load_base
 from trainer.config import make_config
 from trainer.data import ImageSet
 from trainer.events import Finished, Started, Step
-from trainer.examples import EXAMPLES
+from embedded.examples import EXAMPLES
 from trainer.train import train
 
 if not torch.cuda.is_available():

@@ -2,7 +2,7 @@
 
     python -m bench.style_fidelity            # about 12 minutes on 2 CPU cores
 
-For each example style (trainer/examples.py): train it with the default preset, then draw the
+For each example style (embedded/examples.py): train it with the default preset, then draw the
 content of its training captions with fixed seeds at several scales and
 measure the style distance between those images and the style's training images; and draw a fixed
 grid of one-object prompts to check that the colour asked for survives. Then blend two styles.
@@ -33,12 +33,12 @@ from PIL import Image
 from bench.embedded_quality import draw, seen_scenes
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS, Blender
 from styles.library import StyleLibrary
-from trainer import scenes
+from embedded import scenes
 from trainer.base import load_base
 from trainer.config import DEFAULT_PRESET, make_config, parse_overrides
 from trainer.data import ImageSet
 from trainer.events import Finished
-from trainer.examples import EXAMPLE_SIZE, EXAMPLES
+from embedded.examples import EXAMPLE_SIZE, EXAMPLES
 from trainer.train import train
 
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -59,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from styles.library import StyleLibrary
-from trainer import embedded
+import embedded
 from trainer.base import Base, choose_device_dtype, detect_family, load_base
 from trainer.config import DEFAULT_PRESET, PRESETS, make_config, parse_overrides
 from trainer.data import ImageSet

@@ -92,7 +92,7 @@ def test_upload_train_generate_blend_export_delete(app, uploads, tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from trainer.embedded import MODEL_DIR
+    from embedded import MODEL_DIR
 
     pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)
     plain = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np").images

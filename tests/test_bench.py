@@ -7,8 +7,8 @@ import random
 import pytest
 
 from bench.style_fidelity import monotonic, style_distance
-from trainer import scenes
-from trainer.examples import EXAMPLES
+from embedded import scenes
+from embedded.examples import EXAMPLES
 
 
 def plain_images(count: int, seed: int) -> list:

@@ -7,8 +7,8 @@ import json
 import torch
 from diffusers import StableDiffusionPipeline
 
-from trainer import scenes
-from trainer.embedded import MODEL_DIR, WORDS
+from embedded import MODEL_DIR, scenes
+from embedded.architecture import WORDS
 
 MAX_BYTES = 25 * 10**6
 
@@ -18,7 +18,7 @@ def test_model_folder_is_a_small_diffusers_pipeline_with_its_recipe():
     assert sum(f.stat().st_size for f in files) <= MAX_BYTES
     assert {"model_index.json", "recipe.json"} <= {f.name for f in files}
     recipe = json.loads((MODEL_DIR / "recipe.json").read_text())
-    assert recipe["command"] == "python -m trainer.pretrain" and recipe["timings"]["total_s"] > 0
+    assert recipe["command"] == "python -m embedded.pretrain" and recipe["timings"]["total_s"] > 0
     assert sorted(map(tuple, recipe["held_out_pairs"])) == sorted(scenes.HELD_OUT)
 
 

@@ -21,7 +21,7 @@ TOLERANCE = 1e-5
 def test_stock_diffusers_loads_the_export_and_matches_our_blender(library, base, rank, alpha):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.embedded import MODEL_DIR
+    from embedded import MODEL_DIR
 
     path = train_style(library, "ink", seed=3, rank=rank, alpha=alpha).path
     ours = Blender(base, library).base.pipe
@@ -61,7 +61,7 @@ def draw(pipe, seed: int = 4):
 def stock_pipeline():
     from diffusers import StableDiffusionPipeline
 
-    from trainer.embedded import MODEL_DIR
+    from embedded import MODEL_DIR
 
     return StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)
 

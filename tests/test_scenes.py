@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import scenes
-from trainer.embedded import WORDS, build_tokenizer
-from trainer.examples import EXAMPLES
+from embedded import scenes
+from embedded.architecture import WORDS, build_tokenizer
+from embedded.examples import EXAMPLES
 
 
 def test_every_caption_word_is_one_token():

@@ -23,7 +23,7 @@ from diffusers import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from trainer import embedded
+import embedded
 
 RESOLUTION = 32  # pixels: a 16x16 latent through a VAE that downsamples 2x
 FAMILIES = ("sd1", "sd2", "sdxl")

@@ -4,7 +4,7 @@ Three families are supported, each detected from the loaded UNet (detect_family)
 1.x ("sd1"), 2.x ("sd2", epsilon or v-prediction) and SDXL ("sdxl", two text encoders). A style
 records the family it was trained on, and the blender refuses a style of another family.
 
-The embedded model is a diffusers folder we pretrain and commit (trainer/embedded.py); it is
+The embedded model is a diffusers folder we pretrain and commit (embedded/); it is
 loaded with from_pretrained like any other.
 
 Also the one place that decides device and dtype (ARCHITECTURE.md convention 5).
@@ -27,7 +27,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from core.files import PICKLE_SUFFIXES
-from trainer import embedded
+import embedded
 
 # The text-to-image pipelines we train on, by the class name a diffusers folder's model_index.json gives.
 PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
@@ -98,7 +98,7 @@ def load_base(model: str | None = None, precision: str = "auto", model_config: s
     if model in (None, "", embedded.EMBEDDED_ID, "embedded"):
         if not (embedded.MODEL_DIR / "model_index.json").is_file():
             raise ValueError(
-                f"The embedded model is missing from {embedded.MODEL_DIR}; rebuild it with `python -m trainer.pretrain`."
+                f"The embedded model is missing from {embedded.MODEL_DIR}; rebuild it with `python -m embedded.pretrain`."
             )
         pipe, model_id = _load_pipeline(str(embedded.MODEL_DIR), dtype), embedded.EMBEDDED_ID
     else:

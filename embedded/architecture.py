@@ -1,25 +1,21 @@
-"""The embedded default base model: a tiny Stable-Diffusion-architecture pipeline we pretrain ourselves.
+"""The embedded default model's architecture: a tiny Stable-Diffusion-architecture pipeline and its tokenizer.
 
 It has every part of a real SD 1.x pipeline (CLIP tokenizer with BPE merges and text encoder,
 VAE, cross-attention UNet, DDIM scheduler) at a size that draws a 64 px picture in well under a
-second on a laptop CPU. `python -m trainer.pretrain` builds the architecture below and trains it
-on procedural captioned scenes (trainer/scenes.py); the result is committed in the diffusers
-folder layout at MODEL_DIR and loaded with `from_pretrained`, like any other model.
+second on a laptop CPU. `python -m embedded.pretrain` builds the architecture below and trains it
+on procedural captioned scenes (embedded/scenes.py); the result is committed in the diffusers
+folder layout at embedded.MODEL_DIR and loaded with `from_pretrained`, like any other model.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from trainer import scenes
+from embedded import scenes
 
-EMBEDDED_ID = "embedded:tiny-sd-v2"
-MODEL_DIR = Path(__file__).parent / "embedded_model"
 SEED = 20261122
 RESOLUTION = 64  # pixels; the VAE downsamples 4x, so the UNet works on 16x16 latents
 

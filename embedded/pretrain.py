@@ -1,4 +1,4 @@
-"""Pretrain the embedded base model from scratch on procedural scenes: `python -m trainer.pretrain`.
+"""Pretrain the embedded base model from scratch on procedural scenes: `python -m embedded.pretrain`.
 
 One command, fixed seed, CPU only. Two stages, as Stable Diffusion itself was made:
 1. the VAE learns to autoencode scenes (on 32 px crops, then briefly on whole 64 px images);
@@ -26,10 +26,10 @@ from PIL import Image
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
-from trainer import embedded, examples, scenes
+from embedded import MODEL_DIR, architecture, examples, scenes
 
 RECIPE = {
-    "seed": embedded.SEED,
+    "seed": architecture.SEED,
     "scenes": 30_000,  # captioned scenes for the UNet and text encoder
     "vae_extra_styled": 3_000,  # plus renders through VAE_EXTRA_LOOKS, so the VAE can draw textures and lines
     "vae": {"crop": 32, "crop_steps": 1800, "full_steps": 200, "batch": 32, "full_batch": 16, "lr": 5e-4, "kl_weight": 1e-6},
@@ -48,7 +48,7 @@ def _thin_ink(image: Image.Image, mask: Image.Image) -> Image.Image:
 
 
 # The looks the VAE's extra renders go through, so it learns to draw palettes, fine texture and
-# lines. Fixed here rather than taken from trainer/examples.py: the recipe must rebuild the same
+# lines. Fixed here rather than taken from embedded/examples.py: the recipe must rebuild the same
 # model after the example styles change (these are the looks the example styles had then).
 VAE_EXTRA_LOOKS = (examples.sunset, _fine_dots, _thin_ink)
 
@@ -59,7 +59,7 @@ def make_scenes(count: int, seed: int, styled: int = 0) -> tuple[np.ndarray, lis
     pixels, captions = [], []
     for i in range(count + styled):
         scene = scenes.random_scene(rng)
-        image, mask = scenes.render(scene, rng, embedded.RESOLUTION)
+        image, mask = scenes.render(scene, rng, architecture.RESOLUTION)
         if i >= count:
             image = rng.choice(VAE_EXTRA_LOOKS)(image, mask)
         pixels.append(np.asarray(image))
@@ -153,8 +153,8 @@ def train_unet(pipe, latent_mean, latent_std, captions: list[str], recipe: dict,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m trainer.pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(embedded.MODEL_DIR), help="folder to write the pipeline into")
+    parser = argparse.ArgumentParser(prog="python -m embedded.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(MODEL_DIR), help="folder to write the pipeline into")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply data and step counts (0.01 for a smoke run)")
     args = parser.parse_args(argv)
     recipe = json.loads(json.dumps(RECIPE))
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     timings["data_s"] = round(time.perf_counter() - started, 1)
     log(f"rendered {len(pixels)} scenes")
 
-    pipe = embedded.build_untrained_pipeline()
+    pipe = architecture.build_untrained_pipeline()
     mark = time.perf_counter()
     results = {"vae": train_vae(pipe.vae, pixels, recipe, log)}
     timings["vae_s"] = round(time.perf_counter() - mark, 1)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     record = {
-        "command": "python -m trainer.pretrain" + (f" --scale {args.scale}" if args.scale != 1 else ""),
+        "command": "python -m embedded.pretrain" + (f" --scale {args.scale}" if args.scale != 1 else ""),
         "recipe": recipe,
         "results": results,
         "latent_scaling_factor": scaling_factor,
