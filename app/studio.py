@@ -12,13 +12,13 @@ from pathlib import Path
 
 from core.files import staged_folder, write_bytes_atomic
 from core.names import check_style_name, safe_style_name
+from embedded.examples import EXAMPLES
+from models.base import load_base
 from styles import formats
 from styles.blend import Blender, save_png
 from styles.library import StyleLibrary
-from trainer.base import load_base
 from trainer.config import DEFAULT_PRESET, make_config, read_settings, write_settings
 from trainer.data import UploadLimits, ingest
-from embedded.examples import EXAMPLES
 from trainer.jobs import JobManager, JobRecord, Progress
 
 EXPORT_LAYOUTS = ("kohya", "diffusers")  # the first is the default download
@@ -46,10 +46,12 @@ class Studio:
         for folder in (self.outputs, self.exports):
             folder.mkdir(parents=True, exist_ok=True)
         self.base = load_base(model, model_config=model_config)
-        # What imported adapters must fit, read once before any style wraps the UNet's layers.
-        self.layout = formats.UnetLayout.of(self.base.pipe.unet)
         self.blender = Blender(self.base, self.library)
         self.jobs = JobManager(self.workspace, model, model_config).start()  # one training job at a time, in a child process
+
+    def close(self) -> None:
+        """Stop the job queue (a running job stops with a checkpoint, to resume)."""
+        self.jobs.close()
 
     # -- train ---------------------------------------------------------------------------
     def submit(self, sources: list[str], preset: str, **settings) -> str:
@@ -133,7 +135,7 @@ class Studio:
         target = self.exports / layout / f"{name}.safetensors"
         target.parent.mkdir(exist_ok=True)
         if layout == "kohya":
-            tensors, metadata = formats.to_kohya(source, self.layout.layers_per_block)
+            tensors, metadata = formats.to_kohya(source, self.base.layout.layers_per_block)
             formats.write_atomic(target, tensors, metadata)
         else:
             write_bytes_atomic(target, source.read_bytes())
@@ -147,8 +149,10 @@ class Studio:
         """
         path = Path(path)
         name = name.strip() if name and name.strip() else safe_style_name(path.stem)
-        info, notes = self.library.import_file(path, name, self.layout, self.base.family)
-        return info.name, notes
+        self.library.ensure_free(name)  # checks the name too: refused before the file is read
+        adapter, notes = formats.import_style(path, self.base.layout, self.base.family)
+        self.library.save(name, adapter.to_bytes())
+        return name, notes
 
     def rename(self, old: str, new: str) -> None:
         self.library.rename(old, new)

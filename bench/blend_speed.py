@@ -29,10 +29,10 @@ from contextlib import contextmanager
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+from models.base import Base, choose_device_dtype, load_base
 from styles import formats
 from styles.blend import Blender
 from styles.library import StyleLibrary
-from trainer.base import Base, choose_device_dtype, load_base
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 RANK = 16
@@ -75,7 +75,7 @@ def sd15_base(precision: str = "auto") -> Base:
         vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet, scheduler=tiny.scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    return Base(pipe=pipe, model_id="sd15-random-weights", family="sd1", device=device, dtype=dtype)
+    return Base.of(pipe, "sd15-random-weights", device, dtype)
 
 
 def random_styles(unet: torch.nn.Module, library: StyleLibrary, count: int, seed: int = 0) -> list[str]:
@@ -94,8 +94,8 @@ def random_styles(unet: torch.nn.Module, library: StyleLibrary, count: int, seed
         for name, layer in layers:
             state[f"{name}.lora_A.weight"] = torch.randn(RANK, layer.in_features, generator=generator) / layer.in_features**0.5
             state[f"{name}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=generator) * 0.02
-        tensors, metadata = formats.encode_style(state, RANK, RANK, list(TARGETS), {"family": "sd1"})
-        library.save(f"style{i}", tensors, metadata, overwrite=True)
+        adapter = formats.StyleAdapter(state, RANK, RANK, list(TARGETS), {"family": "sd1"})
+        library.save(f"style{i}", adapter.to_bytes(), overwrite=True)
         names.append(f"style{i}")
     return names
 

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from embedded import scenes
-from trainer.base import load_base
+from models.base import load_base
+from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 BATCH = 9
 

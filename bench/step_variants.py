@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from peft import LoraConfig
 from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
 
 from bench.train_speed import build_base
 from trainer.graphs import UNetForward

@@ -31,14 +31,14 @@ import torch
 from PIL import Image
 
 from bench.embedded_quality import draw, seen_scenes
+from embedded import scenes
+from embedded.examples import EXAMPLE_SIZE, EXAMPLES
+from models.base import load_base
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS, Blender
 from styles.library import StyleLibrary
-from embedded import scenes
-from trainer.base import load_base
 from trainer.config import DEFAULT_PRESET, make_config, parse_overrides
 from trainer.data import ImageSet
 from trainer.events import Finished
-from embedded.examples import EXAMPLE_SIZE, EXAMPLES
 from trainer.train import train
 
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -139,14 +139,16 @@ def main(argv: list[str] | None = None) -> None:
         pairs = example.images()
         training_sets[name] = [image for image, _ in pairs]
         cfg = make_config(DEFAULT_PRESET, **overrides, style_name=name, num_samples=0)
-        blender.apply({})  # the previous style is fused into the weights: train on the plain base
+        images = ImageSet(training_sets[name], [c for _, c in pairs], [f"{name}{i}" for i in range(len(pairs))])
         started = time.perf_counter()
         last = None
-        for last in train(cfg, ImageSet(training_sets[name], [c for _, c in pairs], [f"{name}{i}" for i in range(len(pairs))]), base, library):
-            pass
+        with blender.lend_base() as plain:  # the blender's pipeline, with no style in it, for the run
+            for last in train(cfg, images, plain):
+                pass
         seconds = time.perf_counter() - started
         if not isinstance(last, Finished):
             raise SystemExit(f"training {name} failed: {last}")
+        library.save(name, last.adapter.to_bytes())
         # The distance is measured on the training images' own content (their captions), so what
         # differs between the sets is the look, not which objects were drawn.
         prompts = [caption for _, caption in pairs]

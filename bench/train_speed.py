@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -58,9 +57,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from styles.library import StyleLibrary
 import embedded
-from trainer.base import Base, choose_device_dtype, detect_family, load_base
+from models.base import Base, choose_device_dtype, load_base
 from trainer.config import DEFAULT_PRESET, PRESETS, make_config, parse_overrides
 from trainer.data import ImageSet
 from trainer.events import Failed, Step
@@ -147,7 +145,7 @@ def build_base(arch: str, precision: str = "auto") -> Base:
         if isinstance(part, torch.nn.Module):
             torch.nn.Module.to(part, dtype).requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
-    return Base(pipe=pipe, model_id=f"{arch}-random-weights", family=detect_family(pipe.unet.config), device=device, dtype=dtype)
+    return Base.of(pipe, f"{arch}-random-weights", device, dtype)
 
 
 def bench_images(count: int, size: int, seed: int = 0) -> ImageSet:
@@ -203,7 +201,7 @@ class Measure:
     peak_bytes: int | None = None
     failed: str = ""  # e.g. "out of memory": the row says so instead of a time
 
-    def add(self, other: "Measure") -> None:
+    def add(self, other: Measure) -> None:
         self.step_s += other.step_s
         self.failed = self.failed or other.failed
         if other.peak_bytes is not None:
@@ -215,10 +213,10 @@ class Measure:
         return min(self.step_s)
 
 
-def time_ours(base: Base, images: ImageSet, cfg, warmup: int, workspace: Path) -> Measure:
+def time_ours(base: Base, images: ImageSet, cfg, warmup: int) -> Measure:
     """Run train() for warmup + timed steps; time the gaps between Step events after the warm-up."""
     measure, memory, last = Measure(), PeakMemory(base.device), None
-    for event in train(cfg, images, base, StyleLibrary(workspace), overwrite=True):
+    for event in train(cfg, images, base):
         if isinstance(event, Failed):
             if "out of memory" not in event.message:
                 raise SystemExit(f"error: our training run failed: {event.message}")
@@ -229,7 +227,7 @@ def time_ours(base: Base, images: ImageSet, cfg, warmup: int, workspace: Path) -
             measure.step_s.append(time.perf_counter() - last)
         if event.step == warmup:
             memory.start()
-        if event.step == cfg.steps:  # before train() goes on to save the style and give the encoders back
+        if event.step == cfg.steps:  # before train() goes on to hand the style back and give the encoders back
             measure.peak_bytes = memory.peak()
         last = time.perf_counter()  # after the bookkeeping: the next gap is the next step alone
     return measure
@@ -418,15 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_tflops(device)
 
     results: dict[int, tuple[Measure, Measure, int | None]] = {}
-    with tempfile.TemporaryDirectory() as workspace:
-        for batch_size in args.batch_sizes:
-            cfg = make_config(DEFAULT_PRESET, style_name="bench", steps=warmup + steps, batch_size=batch_size, num_samples=0,
-                              sample_every=0, checkpoint_every=0, **options)
-            ours, baseline = Measure(), Measure()
-            for _ in range(args.rounds):
-                ours.add(time_ours(base, images, cfg, warmup, Path(workspace)))
-                baseline.add(time_baseline(base, images, captions, cfg.rank, batch_size, steps, warmup))
-            results[batch_size] = (ours, baseline, count_unet_flops(base, images, captions, cfg.rank, batch_size))
+    for batch_size in args.batch_sizes:
+        cfg = make_config(DEFAULT_PRESET, style_name="bench", steps=warmup + steps, batch_size=batch_size, num_samples=0,
+                          sample_every=0, checkpoint_every=0, **options)
+        ours, baseline = Measure(), Measure()
+        for _ in range(args.rounds):
+            ours.add(time_ours(base, images, cfg, warmup))
+            baseline.add(time_baseline(base, images, captions, cfg.rank, batch_size, steps, warmup))
+        results[batch_size] = (ours, baseline, count_unet_flops(base, images, captions, cfg.rank, batch_size))
 
     # -- report ------------------------------------------------------------------------------------------
     where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} thread(s)"

@@ -7,9 +7,9 @@ transform. The captions name the content, so the adapter learns the look, not th
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image

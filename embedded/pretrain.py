@@ -22,9 +22,9 @@ import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from PIL import Image
 
 from embedded import MODEL_DIR, architecture, examples, scenes
 
@@ -114,7 +114,10 @@ def train_unet(pipe, latent_mean, latent_std, captions: list[str], recipe: dict,
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=0.01)
-    schedule = lambda step: min(1.0, (step + 1) / cfg["warmup"]) * (0.55 + 0.45 * math.cos(math.pi * step / cfg["steps"]))
+
+    def schedule(step):  # a linear warm-up, then half a cosine from the full rate down to a tenth of it
+        return min(1.0, (step + 1) / cfg["warmup"]) * (0.55 + 0.45 * math.cos(math.pi * step / cfg["steps"]))
+
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ema = EMAModel(params, decay=cfg["ema_decay"], use_ema_warmup=True)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -163,7 +166,10 @@ def main(argv: list[str] | None = None) -> None:
         holder[key] = max(2, int(holder[key] * args.scale))
 
     started = time.perf_counter()
-    log = lambda message: print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    def log(message):
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
     torch.manual_seed(recipe["seed"])
     timings = {}
 

@@ -17,17 +17,20 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from models.base import Base
 from styles import formats
 from styles.library import StyleInfo, StyleLibrary
-from trainer.base import Base
 
 SCALE_RANGE = (-2.0, 2.0)
 MAX_SIDE = 2048
@@ -42,8 +45,9 @@ class Blender:
     run at base-model speed. fuse=False: diffusers' set_adapters, every LoRA branch runs every
     step (slower steps, instant slider changes). The attribute may be flipped between calls.
 
-    While a blend is fused the base pipeline's weights hold it: code that borrows the same Base
-    (a training run in this process) should call apply({}) first, which restores them exactly.
+    The blender claims its base's pipeline when it first loads a style (models.base.Base.claim):
+    a training run in this process gets a Base of its own, or the pipeline through lend_base(),
+    which hands it over as it was loaded and takes it back.
 
     >>> blender = Blender(load_base(), StyleLibrary("workspace"))        # doctest: +SKIP
     >>> images = blender.generate("a red circle", seed=1, styles={"ink": 0.8, "pastel": 0.4})  # doctest: +SKIP
@@ -54,8 +58,6 @@ class Blender:
         self._loaded: dict[str, float] = {}  # adapter name -> mtime of the file it was loaded from
         self._lock = threading.RLock()  # one pipeline: one generation (and adapter change) at a time
         self.warnings: list[str] = []
-        # What a style file must fit, read before any adapter wraps the UNet's layers.
-        self._layout = formats.UnetLayout.of(base.pipe.unet)
         # layer name -> (its base weight parameter, a copy of that weight's original value): taken
         # before the layer is first fused, never written to, so restoring is one exact copy.
         self._originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
@@ -95,11 +97,7 @@ class Blender:
         with self._lock:
             gone, to_load = self._changes(active)  # validates too, before anything changes
             if self.fuse and active == self._fused and not gone and not to_load:
-                # Nothing to fuse. Switch the branches off again all the same: a training run on
-                # this base re-enables LoRA layers, and they must not add the blend a second time.
-                if self._loaded:
-                    pipe.disable_lora()
-                return active
+                return active  # the blend is in the weights already
             self._restore()  # base weights back first, so nothing reloads or hashes a blended UNet
             self._sync(gone, to_load)
             if not active:
@@ -165,6 +163,25 @@ class Blender:
             image.info["parameters"] = a1111_parameters(recipe)
         return images
 
+    @contextmanager
+    def lend_base(self) -> Iterator[Base]:
+        """Hand the base pipeline over as it was loaded (no style in its layers or weights), and take it back.
+
+        For a training run in this process on the blender's own base; generation waits meanwhile.
+        The styles load again at the next generation.
+
+        >>> with blender.lend_base() as base:                  # doctest: +SKIP
+        ...     events = list(train(cfg, images, base))
+        """
+        with self._lock:
+            self._restore()
+            if self._loaded:
+                self.base.pipe.unload_lora_weights()  # peft's LoRA layers out: the plain base layers back
+            self._loaded.clear()
+            self._originals.clear()  # taken again at the next fuse
+            self.base.release(self)
+            yield self.base
+
     def kept_bytes(self) -> int:
         """Memory held by the kept original weights (what exact restores cost)."""
         with self._lock:
@@ -186,13 +203,15 @@ class Blender:
                     f"{self.base.family} base model ({self.base.model_id})."
                 )
             # A file put into the library by hand is data like any import: checked before diffusers reads it.
-            formats.import_adapter(info.path, self._layout)
+            formats.import_adapter(info.path, self.base.layout)
             to_load[name] = info
         return gone, to_load
 
     def _sync(self, gone: list[str], to_load: dict[str, StyleInfo]) -> None:
         """Drop adapters whose style is gone; load new styles and those whose file changed."""
         pipe = self.base.pipe
+        if to_load:
+            self.base.claim(self, "a Blender")  # from the first style it loads until lend_base()
         for name in gone:
             pipe.delete_adapters(name)
             del self._loaded[name]
@@ -203,7 +222,8 @@ class Blender:
                 )
             if name in self._loaded:
                 pipe.delete_adapters(name)
-            pipe.load_lora_weights(str(info.path), adapter_name=name)
+            with _diffusers_quiet():  # its "no LoRA keys for the text encoder" note: a style adapts the UNet only
+                pipe.load_lora_weights(str(info.path), adapter_name=name)
             self._loaded[name] = info.mtime
 
     @torch.no_grad()
@@ -219,7 +239,6 @@ class Blender:
         pipe = self.base.pipe
         pipe.set_adapters(list(active), list(active.values()))  # peft's per-layer scaling: s * alpha / r
         pipe.disable_lora()  # the blend lives in the weights now; the branches must not add it again
-        _ = self.base.unet_hash  # a cached property: computed now, it describes the base weights, not a blend
         layers = list(_lora_layers(pipe))  # one walk of the modules, for the fuse and the unwrap
         try:
             for component_name, layer_name, layer in layers:
@@ -278,6 +297,17 @@ class Blender:
         if size % multiple or not multiple <= size <= MAX_SIDE:
             raise ValueError(f"Width and height must be multiples of {multiple} between {multiple} and {MAX_SIDE}, not {size}.")
         return size
+
+
+@contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    """diffusers' log at errors only, for the duration (its verbosity is one global setting)."""
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _lora_layers(pipe):

@@ -17,6 +17,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import safetensors.torch
@@ -24,11 +25,9 @@ import torch
 
 from core.files import PICKLE_SUFFIXES, read_safetensors_header, write_bytes_atomic
 from core.names import ATTENTION_PROJECTIONS
+from models.base import UnetLayout
 from styles import kohya
-
-UNET_PREFIX = "unet."
-LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-OUR_PREFIX = "style_studio."
+from styles.metadata import LORA_METADATA_KEY, OUR_PREFIX, UNET_PREFIX, lora_config, style_info
 
 
 def encode_style(
@@ -49,22 +48,36 @@ def encode_style(
     return tensors, metadata
 
 
+@dataclass
+class StyleAdapter:
+    """A style's LoRA weights and what its file records about them: what train() hands back, and what an import reads.
+
+    The caller saves it through the library:
+    >>> library.save("ink", adapter.to_bytes(), thumbnail=finished.thumbnail)  # doctest: +SKIP
+    """
+
+    tensors: dict[str, torch.Tensor]  # peft's UNet LoRA state dict: <module>.lora_A/B.weight (no 'unet.' prefix)
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    info: dict[str, str] = field(default_factory=dict)  # our metadata: config, trigger, base model, family, UNet hash, ...
+
+    def __post_init__(self):
+        # In fp32 on the CPU, as the file holds them: an event that carries them keeps no GPU memory alive.
+        self.tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in self.tensors.items()}
+
+    def to_bytes(self) -> bytes:
+        """The style file: safetensors in the diffusers layout, with diffusers' and our metadata."""
+        tensors, metadata = encode_style(self.tensors, self.rank, self.alpha, self.target_modules, self.info)
+        return safetensors.torch.save(tensors, metadata=metadata)
+
+
 def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write a safetensors file whole or not at all (core.files.write_bytes_atomic)."""
     return write_bytes_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
 
-
-def style_info(metadata: dict[str, str]) -> dict[str, str]:
-    """Our own metadata entries, without the prefix."""
-    return {key[len(OUR_PREFIX):]: value for key, value in metadata.items() if key.startswith(OUR_PREFIX)}
-
-
-def lora_config(metadata: dict[str, str]) -> dict:
-    """The UNet LoraConfig fields stored by diffusers' convention ({} when absent)."""
-    packed = json.loads(metadata.get(LORA_METADATA_KEY, "{}"))
-    return {key[len(UNET_PREFIX):]: value for key, value in packed.items() if key.startswith(UNET_PREFIX)}
 
 
 def read_style(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -89,26 +102,6 @@ UNSUPPORTED_PARTS = {  # key fragments of adapter kinds that are not LoRA, with 
     ".diff": "full weight difference",
 }
 
-
-@dataclass
-class UnetLayout:
-    """What an adapter must match: the base UNet's attention projections and all its module paths."""
-
-    projections: dict[str, tuple[int, int]]  # diffusers module path -> (out features, in features)
-    modules: set[str]
-    layers_per_block: int
-
-    @classmethod
-    def of(cls, unet: torch.nn.Module) -> UnetLayout:
-        projections, modules = {}, set()
-        for name, module in unet.named_modules():
-            if not name or ".lora_" in name or name.endswith(".base_layer"):
-                continue  # peft's own sub-modules, present while styles are loaded
-            modules.add(name)
-            if name.endswith(tuple("." + p for p in ATTENTION_PROJECTIONS)) and hasattr(module, "in_features"):
-                projections[name] = (module.out_features, module.in_features)
-        layers = unet.config.layers_per_block
-        return cls(projections, modules, layers if isinstance(layers, int) else layers[0])
 
 
 @dataclass
@@ -157,7 +150,7 @@ def import_adapter(path: str | Path, layout: UnetLayout) -> ImportedAdapter:
     are reported in `notes`, not silently dropped. Raises ValueError naming the problem when a key
     does not map onto the base model, a shape differs, a value is not finite or the rank is too large.
 
-    >>> adapter = import_adapter("pixel_art.safetensors", UnetLayout.of(base.pipe.unet))  # doctest: +SKIP
+    >>> adapter = import_adapter("pixel_art.safetensors", base.layout)  # doctest: +SKIP
     """
     path = Path(path)
     metadata, table = check_adapter_file(path)
@@ -224,6 +217,27 @@ def import_adapter(path: str | Path, layout: UnetLayout) -> ImportedAdapter:
         metadata=metadata,
         notes=notes,
     )
+
+
+def import_style(path: str | Path, layout: UnetLayout, family: str) -> tuple[StyleAdapter, list[str]]:
+    """A diffusers, PEFT or kohya LoRA file as a style of a `family` base, checked against its `layout`,
+    and notes on what was left out. A file we exported keeps the record of how it was made.
+
+    >>> adapter, notes = import_style("pixel_art.safetensors", base.layout, base.family)  # doctest: +SKIP
+    >>> library.save("pixel-art", adapter.to_bytes())                                        # doctest: +SKIP
+    """
+    adapter = import_adapter(path, layout)
+    ours = style_info(adapter.metadata)
+    info = {
+        "trigger": ours.get("trigger", ""),
+        "base_model": ours.get("base_model") or adapter.metadata.get("ss_sd_model_name", ""),
+        "family": family,
+        "unet_hash": ours.get("unet_hash", ""),
+        "created": ours.get("created") or datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": ours.get("config") or json.dumps({"rank": adapter.rank, "alpha": adapter.alpha}),
+        "imported_from": f"{Path(path).name} ({adapter.source_format})",
+    }
+    return StyleAdapter(adapter.tensors, adapter.rank, adapter.alpha, adapter.target_modules, info), adapter.notes
 
 
 def _parse_kohya(raw: dict[str, torch.Tensor], layout: UnetLayout):

@@ -1,4 +1,5 @@
-"""StyleLibrary: the styles on disk, keyed by name.
+"""StyleLibrary: the styles on disk, keyed by name. Storage only, and no torch: what goes inside a
+style file is styles/formats.py's business; the library lists styles from their headers alone.
 
 workspace/styles/<name>.safetensors   the adapter (diffusers layout, metadata inside)
 workspace/styles/<name>.png           its thumbnail
@@ -12,12 +13,11 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from core.files import read_safetensors_header, write_bytes_atomic
 from core.names import STYLE_NAME_PATTERN, check_style_name
-from styles import formats
+from styles.metadata import style_info
 
 STYLE_SUFFIX = ".safetensors"
 THUMB_SUFFIX = ".png"
@@ -87,7 +87,7 @@ class StyleLibrary:
         if not path.is_file():
             raise ValueError(f"No style named {name!r}. Available styles: {', '.join(self.names()) or 'none yet'}.")
         metadata, _ = read_safetensors_header(path)
-        info = formats.style_info(metadata)
+        info = style_info(metadata)
         thumb = path.with_suffix(THUMB_SUFFIX)
         return StyleInfo(
             name=name,
@@ -107,8 +107,11 @@ class StyleLibrary:
         if self.exists(name):
             raise FileExistsError(f"A style named {name!r} already exists; pick another name or delete it first.")
 
-    def save(self, name: str, tensors, metadata: dict[str, str], thumbnail=None, overwrite: bool = False) -> Path:
-        """Write a style atomically; refuse to replace an existing one unless `overwrite`."""
+    def save(self, name: str, data: bytes, thumbnail=None, overwrite: bool = False) -> Path:
+        """Store a style file's bytes (StyleAdapter.to_bytes()) whole, with an optional PIL thumbnail.
+
+        An existing style is never replaced unless `overwrite`: FileExistsError says what to do.
+        """
         path = self.path_for(name)
         if not overwrite:
             self.ensure_free(name)
@@ -116,30 +119,7 @@ class StyleLibrary:
             buffer = io.BytesIO()
             thumbnail.save(buffer, format="PNG")
             write_bytes_atomic(path.with_suffix(THUMB_SUFFIX), buffer.getvalue())
-        return formats.write_atomic(path, tensors, metadata)
-
-    def import_file(self, source: str | Path, name: str, layout: formats.UnetLayout, family: str) -> tuple[StyleInfo, list[str]]:
-        """Import a diffusers, PEFT or kohya LoRA file as a style; return it and notes on what was left out.
-
-        The file is checked against the base model (`layout`) before anything is written; the style
-        file is then written whole, and an existing style is never replaced.
-        """
-        check_style_name(name)
-        self.ensure_free(name)
-        adapter = formats.import_adapter(source, layout)
-        ours = formats.style_info(adapter.metadata)  # a file we exported keeps how it was made
-        info = {
-            "trigger": ours.get("trigger", ""),
-            "base_model": ours.get("base_model") or adapter.metadata.get("ss_sd_model_name", ""),
-            "family": family,
-            "unet_hash": ours.get("unet_hash", ""),
-            "created": ours.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": ours.get("config") or json.dumps({"rank": adapter.rank, "alpha": adapter.alpha}),
-            "imported_from": f"{Path(source).name} ({adapter.source_format})",
-        }
-        tensors, metadata = formats.encode_style(adapter.tensors, adapter.rank, adapter.alpha, adapter.target_modules, info)
-        self.save(name, tensors, metadata)
-        return self.get(name), adapter.notes
+        return write_bytes_atomic(path, data)
 
     def rename(self, old: str, new: str) -> StyleInfo:
         source, target = self.get(old).path, self.path_for(new)

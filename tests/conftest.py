@@ -47,7 +47,7 @@ def image_zip(tmp_path, image_folder):
 @pytest.fixture
 def base():
     """A fresh embedded base model (training borrows its UNet, so tests get their own)."""
-    from trainer.base import load_base
+    from models.base import load_base
 
     return load_base()
 
@@ -60,16 +60,22 @@ def library(tmp_path):
 
 
 def train_style(library, name: str, seed: int, steps: int = 6, **overrides):
-    """Train a tiny style into `library` on a fresh base; return the Finished event."""
-    from trainer.base import load_base
+    """Train a tiny style on a fresh base and save it into `library`; return its StyleInfo."""
+    from models.base import load_base
     from trainer.config import make_config
     from trainer.data import ImageSet
-    from trainer.events import Failed
+    from trainer.events import Finished
     from trainer.train import train
 
     images = [pattern_image(seed * 10 + i) for i in range(3)]
     image_set = ImageSet(images=images, captions=[None] * 3, names=["a", "b", "c"])
     cfg = make_config("Quick", style_name=name, steps=steps, seed=seed, learning_rate=5e-3, num_samples=1, **overrides)
-    events = list(train(cfg, image_set, load_base(), library))
-    assert not isinstance(events[-1], Failed), events[-1]
-    return events[-1]
+    events = list(train(cfg, image_set, load_base()))
+    assert isinstance(events[-1], Finished), events[-1]
+    save_style(library, events[-1])
+    return library.get(name)
+
+
+def save_style(library, finished, overwrite: bool = False):
+    """Save the style a Finished event hands back, as the job runner and the CLI do; return its path."""
+    return library.save(finished.style_name, finished.adapter.to_bytes(), thumbnail=finished.thumbnail, overwrite=overwrite)

@@ -19,7 +19,8 @@ from peft.tuners.lora import LoraLayer
 from styles import formats
 from styles.blend import Blender, _blended_weight
 from styles.library import StyleLibrary
-from tests.conftest import train_style
+from styles.metadata import lora_config
+from tests.conftest import pattern_image, save_style, train_style
 
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
 
@@ -82,7 +83,7 @@ def _assert_base_weights(blender, base_weights):
 def _lora_delta(library, name):
     """alpha/rank * B @ A of LAYER, read straight from the style file."""
     tensors, metadata = formats.read_style(library.path_for(name))
-    config = formats.lora_config(metadata)
+    config = lora_config(metadata)
     a, b = tensors[f"unet.{LAYER}.lora_A.weight"], tensors[f"unet.{LAYER}.lora_B.weight"]
     return config["lora_alpha"] / config["r"] * b @ a
 
@@ -158,24 +159,32 @@ def test_generated_images_carry_their_recipe(blender, tmp_path):
     assert '"styles": {"pastel": 0.5}' in text["style_studio"]
 
 
-def test_training_on_the_blenders_base_works_after_every_scale_was_zero(blender, library):
-    """Generating with all scales at 0 switches LoRA layers off; a training run on that base must still learn.
-
-    Training switches LoRA layers on again: the blender must switch them off, or a fused style
-    would be added twice (once in the weights, once through its branch)."""
+@pytest.mark.parametrize("scales", [{"ink": 0.0}, {"ink": 1.0, "pastel": -0.5}], ids=["all-zero", "fused"])
+def test_training_gets_the_blenders_pipeline_only_through_lend_base(blender, library, base_weights, scales):
+    """A training run in this process cannot take a pipeline the blender holds; lend_base() hands it over as it
+    was loaded (whatever was fused or switched off), the run learns what it learns on a fresh base, and the
+    blender draws as before afterwards."""
+    from models.base import load_base
     from trainer.config import make_config
     from trainer.data import ImageSet
-    from trainer.events import Finished
+    from trainer.events import Failed, Finished
     from trainer.train import train
-    from tests.conftest import pattern_image
 
-    ink = _image(blender, {"ink": 1.0})
-    base_image = _image(blender, {"ink": 0.0})  # disable_lora()
+    ink, drawn = _image(blender, {"ink": 1.0}), _image(blender, scales)
     cfg = make_config("Quick", style_name="after", steps=3, num_samples=0)
-    events = list(train(cfg, ImageSet([pattern_image(9)], [None], ["a"]), blender.base, library))
+    images = ImageSet([pattern_image(9)], [None], ["a"])
+    refused = list(train(cfg, images, blender.base))
+    assert len(refused) == 1 and isinstance(refused[0], Failed) and "lend_base" in refused[0].message
+    with blender.lend_base() as base:
+        _assert_base_weights(blender, base_weights)
+        assert not any(isinstance(module, LoraLayer) for module in base.pipe.unet.modules())
+        events = list(train(cfg, images, base))
     assert isinstance(events[-1], Finished), events[-1]
+    fresh = list(train(cfg, images, load_base()))[-1]
+    assert all(torch.equal(events[-1].adapter.tensors[k], fresh.adapter.tensors[k]) for k in fresh.adapter.tensors)
+    save_style(library, events[-1])
     assert "after" in library.names()
-    assert np.array_equal(_image(blender, {"ink": 0.0}), base_image)  # the same scales: nothing to fuse
+    assert np.array_equal(_image(blender, scales), drawn)
     assert np.array_equal(_image(blender, {"ink": 1.0}), ink)
     assert np.array_equal(_image(blender, {"ink": 1.0}), ink)  # and again, with no change in between
 
@@ -202,7 +211,7 @@ def test_fused_images_equal_unfused_images(blender, styles):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_after_many_slider_moves_all_zero_is_the_base_bit_for_bit(library, trained, precision):
     """Restoring copies the kept originals back; undoing by subtraction would drift, most in bf16."""
-    from trainer.base import load_base
+    from models.base import load_base
 
     base = load_base(precision=precision)
     for name in trained.names():

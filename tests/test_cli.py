@@ -83,10 +83,10 @@ def test_accelerate_launch_trains_one_style_over_two_processes(tmp_path, image_f
     library = StyleLibrary(tmp_path / "dp")
     assert library.names() == ["dp"] and library.get("dp").config["steps"] == 40
     from core.files import read_safetensors_header
-    from styles import formats
+    from styles.metadata import style_info
 
     metadata, _ = read_safetensors_header(library.path_for("dp"))
-    assert formats.style_info(metadata)["processes"] == "2"
+    assert style_info(metadata)["processes"] == "2"
     single = _run(*common, "--set", "steps=40", "--workspace", tmp_path / "one")
     assert single.returncode == 0, single.stderr
     two, one = load_file(library.path_for("dp")), load_file(StyleLibrary(tmp_path / "one").path_for("dp"))

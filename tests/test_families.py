@@ -13,11 +13,11 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
+from models.base import checkpoint_kind, detect_family, load_base
 from styles.blend import Blender
 from styles.library import StyleLibrary
 from tests import tiny_models
-from tests.conftest import pattern_image
-from trainer.base import checkpoint_kind, detect_family, load_base
+from tests.conftest import pattern_image, save_style
 from trainer.config import make_config
 from trainer.data import ImageSet
 from trainer.events import Finished
@@ -61,8 +61,9 @@ def _train(base, library, name, seed, steps=4, **overrides):
     image_set = ImageSet(images=images, captions=[None] * 3, names=["a", "b", "c"])
     settings = dict(learning_rate=1e-2, num_samples=1, sample_every=0, checkpoint_every=0, caption_dropout=0.5)
     cfg = make_config("Quick", style_name=name, steps=steps, seed=seed, **{**settings, **overrides})
-    events = list(train(cfg, image_set, base, library))
+    events = list(train(cfg, image_set, base))
     assert isinstance(events[-1], Finished), events[-1]
+    save_style(library, events[-1])
     return events[-1]
 
 
@@ -156,7 +157,7 @@ def test_an_sdxl_style_exported_for_a1111_loads_in_stock_diffusers(models, tmp_p
     base = load_base(str(models["sdxl"]))
     library = StyleLibrary(tmp_path / "workspace")
     _train(base, library, "xl", seed=1, alpha=6.0)
-    tensors, metadata = formats.to_kohya(library.get("xl").path, formats.UnetLayout.of(base.pipe.unet).layers_per_block)
+    tensors, metadata = formats.to_kohya(library.get("xl").path, base.layout.layers_per_block)
     assert any(key.startswith("lora_unet_input_blocks_") for key in tensors), sorted(tensors)[:3]
     exported = formats.write_atomic(tmp_path / "xl.safetensors", tensors, metadata)
 

@@ -51,6 +51,14 @@ def test_header_is_read_without_loading_tensors_and_garbage_is_refused(library, 
 
 # -- kohya layout and imports -----------------------------------------------------------------------
 
+
+def import_file(library, path, name, base):
+    """Import as the Styles tab does: the file checked against the base, then saved as a style; (StyleInfo, notes)."""
+    adapter, notes = formats.import_style(path, base.layout, base.family)
+    library.save(name, adapter.to_bytes())
+    return library.get(name), notes
+
+
 PROMPT = dict(prompt="a red circle", num_inference_steps=6, output_type="np")
 
 
@@ -114,15 +122,14 @@ def test_sdxl_block_names_are_the_ones_diffusers_maps_back(library, base, tmp_pa
         renamed.add(key)
     assert renamed == set(diffusers_names)
     # ...and our import reads the SGM spelling onto the same modules.
-    layout = formats.UnetLayout.of(base.pipe.unet)
-    info, _ = library.import_file(tmp_path / "kohya_sdxl.safetensors", "ink-sgm", layout, base.family)
+    info, _ = import_file(library, tmp_path / "kohya_sdxl.safetensors", "ink-sgm", base)
     assert formats.read_style(info.path)[0].keys() == formats.read_style(style)[0].keys()
 
 
 def test_an_imported_kohya_file_blends_like_the_native_style(library, base, tmp_path):
     style = train_style(library, "ink", seed=3, rank=4, alpha=12.0).path
     exported = kohya_file(style, tmp_path)
-    info, notes = library.import_file(exported, "ink-again", formats.UnetLayout.of(base.pipe.unet), base.family)
+    info, notes = import_file(library, exported, "ink-again", base)
     assert notes == [] and info.config["rank"] == 4 and info.config["alpha"] == 12.0
     blender = Blender(base, library)
     for scale in (1.0, 0.5, -0.7):
@@ -150,7 +157,7 @@ def test_import_keeps_the_unet_attention_part_and_reports_the_rest(library, base
     mixed = tmp_path / "mixed.safetensors"
     safetensors.torch.save_file(tensors, mixed)
 
-    info, notes = library.import_file(mixed, "mixed", formats.UnetLayout.of(base.pipe.unet), base.family)
+    info, notes = import_file(library, mixed, "mixed", base)
     text = " ".join(notes)
     assert "1 text-encoder" in text and "1 other UNet module" in text and "padded to rank 4" in text
     expected = safetensors.torch.load_file(style)
@@ -169,10 +176,9 @@ def test_peft_and_old_diffusers_layouts_import(library, base, tmp_path):
         module, part = k[: -len(".lora_A.weight")], "down" if ".lora_A." in k else "up"
         head, proj = module.rsplit(".", 1) if not module.endswith("to_out.0") else (module[: -len(".to_out.0")], "to_out")
         old[f"{head}.processor.{proj}_lora.{part}.weight"] = v
-    layout = formats.UnetLayout.of(base.pipe.unet)
     for name, content in [("peft-raw", peft_raw), ("old-diffusers", old)]:
         safetensors.torch.save_file(content, tmp_path / f"{name}.safetensors")
-        info, notes = library.import_file(tmp_path / f"{name}.safetensors", name, layout, base.family)
+        info, notes = import_file(library, tmp_path / f"{name}.safetensors", name, base)
         assert any("alpha = rank assumed" in n for n in notes)
         assert formats.read_style(info.path)[0].keys() == tensors.keys()
 
@@ -209,11 +215,10 @@ def hostile_adapters(tmp_path, good: dict):
 def test_hostile_adapter_files_are_refused_with_the_reason_and_nothing_is_written(library, base, tmp_path):
     style = train_style(library, "ink", seed=3, rank=4).path
     good = safetensors.torch.load_file(style)
-    layout = formats.UnetLayout.of(base.pipe.unet)
     before = sorted(library.root.iterdir())
     for path, words in hostile_adapters(tmp_path, good):
         with pytest.raises(ValueError, match=words):
-            library.import_file(path, "hostile", layout, base.family)
+            import_file(library, path, "hostile", base)
     assert sorted(library.root.iterdir()) == before  # no style, no temporary file
 
 

@@ -7,11 +7,12 @@ import os
 import signal
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from styles.library import StyleLibrary
-from tests.conftest import pattern_image
+from tests.conftest import pattern_image, save_style
 from tests.running_app import start_app, stop_app
 from trainer.config import make_config
 from trainer.data import ImageSet, ingest
@@ -131,16 +132,16 @@ def test_kill_9_of_the_app_then_resume_gives_the_uninterrupted_adapter(tmp_path)
         stop_app(app)
 
     # The same run without interruption, in this process, with the job's own config and kept images.
-    from trainer.base import load_base
+    from models.base import load_base
     from trainer.config import TrainConfig
     from trainer.train import train
 
     base = load_base()
     images = ingest(workspace / "jobs" / "0001" / "images", base.resolution)
     cfg = TrainConfig.from_dict(json.loads(job_file.read_text())["config"])
-    straight = list(train(cfg, images, base, StyleLibrary(tmp_path / "straight")))[-1]
+    straight = list(train(cfg, images, base))[-1]
     assert isinstance(straight, Finished)
-    expected, got = load_file(straight.path), load_file(StyleLibrary(workspace).path_for("survivor"))
+    expected, got = load_file(save_style(StyleLibrary(tmp_path / "straight"), straight)), load_file(StyleLibrary(workspace).path_for("survivor"))
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
 
 
@@ -149,3 +150,72 @@ def test_a_failing_child_reports_why(tmp_path):
     job = jobs.submit(make_config("Quick", style_name="nomodel", steps=2), _images())
     assert jobs.wait_idle(TIMEOUT_S)
     assert jobs.get(job).state == "failed" and "/no/such/model" in jobs.get(job).message
+
+
+def _record(job_dir, **fields):
+    """A job.json as another version of the app might have left it."""
+    job_dir.mkdir(parents=True)
+    record = {"id": job_dir.name, "style_name": f"s{job_dir.name}", "config": make_config("Quick", style_name=f"s{job_dir.name}").to_dict(),
+              "model": None, "state": "queued", **fields}
+    (job_dir / "job.json").write_text(json.dumps(record))
+    return record
+
+
+def test_records_this_version_cannot_use_are_listed_as_failed_and_left_as_they_are(tmp_path):
+    jobs_dir = tmp_path / "jobs"
+    newer = _record(jobs_dir / "0001", priority=3)  # a field this JobRecord does not know
+    _record(jobs_dir / "0002", state="paused")  # a state this version does not know
+    _record(jobs_dir / "0003", config={"style_name": "x", "future_setting": 1})  # a setting TrainConfig does not know
+    _record(jobs_dir / "0004")  # a record this version reads: it was queued, so it is interrupted now
+    (jobs_dir / "0005").mkdir()
+    (jobs_dir / "0005" / "job.json").write_text("{not json")  # not a record at all: left alone, unlisted
+    jobs = JobManager(tmp_path)
+    assert [r.id for r in jobs.jobs()] == ["0004", "0003", "0002", "0001"]
+    for job_id, words in (("0001", "priority"), ("0002", "'paused'"), ("0003", "future_setting")):
+        record = jobs.get(job_id)
+        assert record.state == "failed" and words in record.message and "cannot run it" in record.message
+        with pytest.raises(ValueError, match="leaves it as it is"):
+            jobs.resume(job_id)
+    assert json.loads((jobs_dir / "0001" / "job.json").read_text()) == newer  # nothing in it was lost
+    assert jobs.get("0004").state == "interrupted"
+    assert jobs.submit(make_config("Quick", style_name="next", steps=1), _images()) == "0006"  # 0005's folder is not reused
+
+
+def test_a_job_that_cannot_be_built_or_written_fails_and_the_next_job_runs(tmp_path, monkeypatch):
+    """The two faults that used to kill the worker thread for good: a record whose settings this code
+    cannot read, and a workspace that refuses a write as a job starts."""
+    import trainer.jobs
+
+    jobs = JobManager(tmp_path)
+    unreadable = jobs.submit(make_config("Quick", style_name="unreadable", steps=2, num_samples=0), _images())
+    jobs.get(unreadable).config["future_setting"] = 1  # as a record from a newer version reads
+    unwritable = jobs.submit(make_config("Quick", style_name="unwritable", steps=2, num_samples=0), _images())
+    fine = jobs.submit(make_config("Quick", style_name="fine", steps=2, num_samples=0), _images())
+
+    real_write, refused = trainer.jobs.write_text_atomic, []
+
+    def full_disk_once(path, text):
+        if f'"id": "{unwritable}"' in text and '"running"' in text and not refused:
+            refused.append(path)
+            raise OSError(28, "No space left on device")
+        return real_write(path, text)
+
+    monkeypatch.setattr(trainer.jobs, "write_text_atomic", full_disk_once)
+    jobs.start()
+    assert jobs.wait_idle(TIMEOUT_S)
+    assert jobs.get(unreadable).state == "failed" and "Unknown training settings: future_setting" in jobs.get(unreadable).message
+    assert refused and jobs.get(unwritable).state == "failed" and "No space left on device" in jobs.get(unwritable).message
+    assert jobs.get(fine).state == "finished", jobs.get(fine).message
+    assert StyleLibrary(tmp_path).names() == ["fine"]
+    assert json.loads((tmp_path / "jobs" / unwritable / "job.json").read_text())["state"] == "failed"  # the next write went through
+    later = jobs.submit(make_config("Quick", style_name="later", steps=1, num_samples=0), _images())
+    assert jobs.wait_idle(TIMEOUT_S) and jobs.get(later).state == "finished"  # the worker is still there
+
+
+def test_a_job_state_moves_only_along_the_table():
+    from trainer.jobs import ACTIVE, MOVES, JobState
+
+    assert set(MOVES) == set(JobState)
+    assert all(JobState.QUEUED not in MOVES[state] for state in (JobState.RUNNING, JobState.FINISHED, JobState.DISCARDED))
+    assert all(MOVES[state] <= {JobState.DISCARDED} for state in (JobState.FINISHED, JobState.DISCARDED))
+    assert set(ACTIVE) == {JobState.QUEUED, JobState.RUNNING}

@@ -9,10 +9,12 @@ import threading
 
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from styles import formats
-from tests.conftest import pattern_image, train_style
 from styles.library import StyleLibrary
+from styles.metadata import lora_config, style_info
+from tests.conftest import pattern_image, save_style, train_style
 from trainer.checkpoints import CheckpointDir
 from trainer.config import LR_SCHEDULES, PRESETS, TrainConfig, make_config
 from trainer.data import ImageSet
@@ -47,7 +49,7 @@ def test_training_lowers_the_loss_and_changes_the_unet(base, library):
         loss_before = diffusion_loss(UNetForward(base.pipe.unet), scheduler, *batch).item()
         out_before = base.pipe.unet(batch[0], batch[3], batch[1]).sample
 
-    events = iter(train(cfg, images, base, library))
+    events = iter(train(cfg, images, base))
     # Run the loop but stop before the adapter is removed, to measure with it in place.
     seen = []
     for event in events:
@@ -64,11 +66,13 @@ def test_training_lowers_the_loss_and_changes_the_unet(base, library):
     assert loss_after < loss_before * 0.98, (loss_before, loss_after)
     assert (out_after - out_before).abs().max() > 1e-3
     assert isinstance(rest[0], Sample) and len(rest[0].images) == 1
+    save_style(library, rest[-1])
     assert isinstance(rest[-1], Finished) and library.exists("stripes")
     # The adapter is removed again: the base UNet gives its original output.
     with torch.no_grad():
         assert torch.equal(base.pipe.unet(batch[0], batch[3], batch[1]).sample, out_before)
     assert TRAINING_ADAPTER not in getattr(base.pipe.unet, "peft_config", {})
+    assert not any(isinstance(m, BaseTunerLayer) for m in base.pipe.unet.modules())  # peft's wrappers are gone too
 
 
 def test_style_file_holds_only_unet_attention_lora_weights(library):
@@ -80,15 +84,13 @@ def test_style_file_holds_only_unet_attention_lora_weights(library):
         assert key.endswith((".to_q.lora_A.weight", ".to_k.lora_A.weight", ".to_v.lora_A.weight", ".to_out.0.lora_A.weight",
                              ".to_q.lora_B.weight", ".to_k.lora_B.weight", ".to_v.lora_B.weight", ".to_out.0.lora_B.weight")), key
         assert 4 in value.shape
-    assert formats.lora_config(metadata) == {"r": 4, "lora_alpha": 2.0, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
-    info = formats.style_info(metadata)
+    assert lora_config(metadata) == {"r": 4, "lora_alpha": 2.0, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
+    info = style_info(metadata)
     assert TrainConfig.from_dict(__import__("json").loads(info["config"])).rank == 4
     assert info["trigger"] == "ink" and info["base_model"].startswith("embedded:") and len(info["unet_hash"]) == 16
 
 
 def test_same_seed_gives_the_same_adapter(tmp_path):
-    from styles.library import StyleLibrary
-
     first = formats.read_style(train_style(StyleLibrary(tmp_path / "a"), "s", seed=7).path)[0]
     second = formats.read_style(train_style(StyleLibrary(tmp_path / "b"), "s", seed=7).path)[0]
     third = formats.read_style(train_style(StyleLibrary(tmp_path / "c"), "s", seed=8).path)[0]
@@ -97,17 +99,19 @@ def test_same_seed_gives_the_same_adapter(tmp_path):
 
 
 def test_existing_style_is_not_overwritten(base, library):
+    """train() hands its style back; saving it under a taken name is refused and the old file stays."""
     train_style(library, "taken", seed=1)
     before = library.path_for("taken").read_bytes()
-    events = list(train(make_config("Quick", style_name="taken", steps=2), _images(), base, library))
-    assert isinstance(events[-1], Failed) and "already exists" in events[-1].message
+    events = list(train(make_config("Quick", style_name="taken", steps=2), _images(), base))
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_style(library, events[-1])
     assert library.path_for("taken").read_bytes() == before
 
 
 def test_stop_flag_cancels_without_saving_a_style(base, library):
     stop = threading.Event()
     events = []
-    for event in train(make_config("Quick", style_name="halt", steps=50), _images(), base, library, stop=stop):
+    for event in train(make_config("Quick", style_name="halt", steps=50), _images(), base, stop=stop):
         events.append(event)
         if isinstance(event, Step) and event.step == 3:
             stop.set()
@@ -116,13 +120,16 @@ def test_stop_flag_cancels_without_saving_a_style(base, library):
 
 
 def _run(cfg, library, checkpoints=None, resume=False, stop_at=None):
-    from trainer.base import load_base
+    """Train on a fresh base, as the CLI does: stop after step `stop_at`, save the style if the run finishes."""
+    from models.base import load_base
 
     stop, events = threading.Event(), []
-    for event in train(cfg, _images(), load_base(), library, stop=stop, checkpoints=checkpoints, resume=resume):
+    for event in train(cfg, _images(), load_base(), stop=stop, checkpoints=checkpoints, resume=resume):
         events.append(event)
         if isinstance(event, Step) and event.step == stop_at:
             stop.set()
+    if isinstance(events[-1], Finished):
+        save_style(library, events[-1])
     return events
 
 
@@ -132,7 +139,7 @@ def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_adapter(tmp_
 
     cfg = make_config("Quick", style_name="same", steps=12, learning_rate=1e-3, lr_schedule=schedule, num_samples=0,
                       checkpoint_every=4)
-    straight = _run(cfg, StyleLibrary(tmp_path / "a"))
+    _run(cfg, StyleLibrary(tmp_path / "a"))  # straight through: the style to compare with
     checkpoints = CheckpointDir(tmp_path / "ckpt", keep=2)
     library = StyleLibrary(tmp_path / "b")
     stopped = _run(cfg, library, checkpoints, stop_at=6)  # stops after step 6: a checkpoint is written on the way out
@@ -146,7 +153,7 @@ def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_adapter(tmp_
         assert rates[0] == 1e-3 and all(b < a for a, b in zip(rates, rates[1:])) and rates[-1] < 0.03e-3
     else:
         assert rates == [1e-3] * 12
-    expected, got = load_file(straight[-1].path), load_file(resumed[-1].path)
+    expected, got = load_file(StyleLibrary(tmp_path / "a").path_for("same")), load_file(library.path_for("same"))
     # Same seed, same data, same order of random draws: equal to float rounding (1e-6 is generous on CPU).
     assert expected.keys() == got.keys() and all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
     assert not list(checkpoints.folder.glob("*.tmp"))
@@ -217,11 +224,11 @@ def test_caption_dropout_trains_on_the_empty_caption(library):
     def adapter(name, caption, dropout):
         images = ImageSet(images=[pattern_image(i) for i in range(2)], captions=[caption] * 2, names=["a", "b"])
         cfg = make_config("Quick", style_name=name, steps=4, learning_rate=1e-3, num_samples=0, caption_dropout=dropout)
-        from trainer.base import load_base
+        from models.base import load_base
 
-        events = list(train(cfg, images, load_base(), library))
+        events = list(train(cfg, images, load_base()))
         assert isinstance(events[-1], Finished), events[-1]
-        return load_file(events[-1].path)
+        return load_file(save_style(library, events[-1]))
 
     red, blue = adapter("red", "a red circle", 1.0), adapter("blue", "a blue star", 1.0)
     assert all(torch.equal(red[key], blue[key]) for key in red)
@@ -238,10 +245,10 @@ def _losses(events):
 def test_gradient_checkpointing_gives_the_same_losses_and_is_switched_off_again(base, library):
     """Recomputing activations changes memory, not maths: the same steps give the same losses."""
     options = dict(style_name="same", steps=4, learning_rate=1e-3, num_samples=0, checkpoint_every=0)  # one name: one caption
-    checkpointed = _losses(list(train(make_config("Quick", gradient_checkpointing=True, **options), _images(), base, library)))
+    checkpointed = _losses(list(train(make_config("Quick", gradient_checkpointing=True, **options), _images(), base)))
     unet = base.pipe.unet
     assert not any(getattr(m, "gradient_checkpointing", False) for m in unet.modules())  # the borrowed UNet is as it was
-    plain = _losses(list(train(make_config("Quick", **options), _images(), base, library, overwrite=True)))
+    plain = _losses(list(train(make_config("Quick", **options), _images(), base)))
     assert len(plain) == 4 and plain[0] != plain[-1]
     assert plain == pytest.approx(checkpointed, rel=1e-5, abs=1e-7)
 
@@ -259,15 +266,15 @@ def test_a_failed_graph_capture_falls_back_to_the_eager_unet_with_the_reason(bas
 
 
 def test_channels_last_trains_and_gives_the_unet_back_as_it_came(base, library):
-    from trainer.base import load_base
+    from models.base import load_base
 
     cfg = make_config("Quick", style_name="nhwc", steps=2, num_samples=0, channels_last=True)
-    events = list(train(cfg, _images(), base, library))
+    events = list(train(cfg, _images(), base))
     assert isinstance(events[-1], Finished), events[-1]
     convs = [m.weight for m in base.pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
     # The style records the base's hash, taken while the weights were channels-last: the same as a fresh base's.
-    assert formats.style_info(formats.read_style(events[-1].path)[1])["unet_hash"] == load_base().unet_hash
+    assert style_info(formats.read_style(save_style(library, events[-1]))[1])["unet_hash"] == load_base().unet_hash
 
 
 def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
@@ -293,7 +300,7 @@ def test_gpu_only_options_fail_on_the_cpu_with_the_reason(base, library, monkeyp
 
     monkeypatch.setattr(trainer.config, "bitsandbytes_installed", lambda: True)  # as if installed: the device is the problem
     cfg = make_config("Quick", style_name="gpu-only", steps=2, **overrides)
-    events = list(train(cfg, _images(), base, library))
+    events = list(train(cfg, _images(), base))
     assert len(events) == 1 and isinstance(events[0], Failed) and message in events[0].message
     assert not library.exists("gpu-only")
 
@@ -319,9 +326,9 @@ def test_low_memory_preset_validates_and_trains_on_the_cpu(base, library):
     assert cfg.optimizer == ("adamw8bit" if bitsandbytes_installed() else "adamw")  # chosen when the preset was made
     if cfg.optimizer == "adamw8bit":
         cfg.optimizer = "adamw"  # 8-bit AdamW needs a CUDA GPU: a CPU run takes plain AdamW
-    events = list(train(cfg, _images(), base, library))
+    events = list(train(cfg, _images(), base))
     assert isinstance(events[-1], Finished) and [e.step for e in events if isinstance(e, Step)] == [1, 2]
-    saved = TrainConfig.from_dict(json.loads(formats.style_info(formats.read_style(events[-1].path)[1])["config"]))
+    saved = TrainConfig.from_dict(json.loads(style_info(formats.read_style(save_style(library, events[-1]))[1])["config"]))
     assert saved.gradient_checkpointing and saved.optimizer == cfg.optimizer  # the style file says how it was made
 
 

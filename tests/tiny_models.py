@@ -1,6 +1,6 @@
 """Tiny random pipelines of each base family (sd1, sd2, sdxl), built in code: nothing is downloaded.
 
-Each has the architecture traits its family is detected by (trainer/base.py detect_family) at a
+Each has the architecture traits its family is detected by (models/base.py detect_family) at a
 size that trains and draws a 32 px picture in well under a second on a CPU. The tokenizers are the
 embedded model's. `save_pipeline` writes a diffusers folder, so tests load it with `load_base(folder)`
 through the same from_pretrained path as a real model; `save_ldm_checkpoint` writes an SD 1.x

@@ -47,8 +47,8 @@ def main(argv=None) -> int:
         if not args.images:
             raise ValueError("--images is required: give image files, zips or folders.")
 
+        from models.base import load_base
         from styles.library import StyleLibrary
-        from trainer.base import load_base
         from trainer.checkpoints import CheckpointDir
         from trainer.data import ingest
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C: stop at the next step, with a checkpoint
     bar, last = None, None
-    for last in train(cfg, images, base, library, stop, checkpoints=checkpoints, resume=args.resume, log_dir=run_dir / "logs"):
+    for last in train(cfg, images, base, stop, checkpoints=checkpoints, resume=args.resume, log_dir=run_dir / "logs"):
         if not main_process:
             continue
         if isinstance(last, Started):
@@ -91,8 +91,13 @@ def main(argv=None) -> int:
             bar.set_postfix(loss=f"{last.loss:.4f}")
         elif isinstance(last, (Finished, Failed, Cancelled)) and bar:
             bar.close()
-    if isinstance(last, Finished):
-        print(f"saved {last.style_name}: {last.path}")
+    if isinstance(last, Finished):  # train() hands the style back; the library stores it
+        try:
+            path = library.save(last.style_name, last.adapter.to_bytes(), thumbnail=last.thumbnail)
+        except FileExistsError as err:  # the name was taken while this run trained
+            print(f"error: {err} The checkpoints in {checkpoints.folder} are kept.", file=sys.stderr)
+            return 1
+        print(f"saved {last.style_name}: {path}")
         return 0
     if isinstance(last, Cancelled):
         print(f"error: interrupted at step {last.step}; run the same command with --resume to continue", file=sys.stderr)

@@ -105,7 +105,7 @@ class TrainConfig:
             return caption.strip()
         return self.caption_template.replace("{trigger}", self.trigger_word)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise ValueError naming every problem at once; return self when all is well."""
         problems = []
         try:
@@ -141,7 +141,7 @@ class TrainConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

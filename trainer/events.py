@@ -1,4 +1,4 @@
-"""Typed events that train() yields. Small, picklable, torch-free dataclasses.
+"""Typed events that train() yields: small dataclasses, and a module that imports no torch.
 
 Whoever runs training (the job runner, the CLI, a test) decides what to do with them.
 """
@@ -50,10 +50,13 @@ class Cancelled:
 
 @dataclass
 class Finished:
+    """The run is done and hands its style back: the caller saves `adapter` (styles.formats.StyleAdapter)
+    through the library, e.g. `library.save(style_name, adapter.to_bytes(), thumbnail=thumbnail)`."""
+
     style_name: str
-    path: str
     steps_done: int
-    stopped_early: bool = False
+    adapter: Any  # styles.formats.StyleAdapter: the LoRA weights and how they were made
+    thumbnail: Any = None  # a PIL image: the last sample, else the first training image
 
 
 @dataclass

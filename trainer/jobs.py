@@ -1,4 +1,4 @@
-"""Training jobs: a queue on disk, one child process at a time, checkpoints, cancel and resume.
+"""Training jobs: a queue on disk, one child process at a time (trainer/child.py), checkpoints, cancel and resume.
 
     workspace/jobs/<id>/job.json                 the record: config, state, step, message (written atomically)
     workspace/jobs/<id>/images/0000.png (+ .txt)  the training set as it was accepted
@@ -7,33 +7,63 @@
 
 Every job is a record on disk first, so nothing is lost when the app or the child dies: on start,
 JobManager marks jobs that were queued or running as interrupted, and Resume continues them from
-their last checkpoint. Training itself runs in a child process (a fresh interpreter), so a crash
-or an out-of-memory error there never takes the web server down.
+their last checkpoint. A job's state changes only along MOVES, in one method (JobManager._move).
+
+The worker thread runs for as long as the app does: building a job, starting its child, following
+it and writing its record all happen inside one failure boundary per job, so a record this version
+cannot use or a workspace that refuses a write fails that job, with the reason, and the queue goes on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import multiprocessing as mp
-import os
-import queue
+import logging
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Iterator
+
+from PIL import Image
 
 from core.files import staged_folder, write_text_atomic
 from styles.library import StyleLibrary
+from trainer.checkpoints import CheckpointDir
+from trainer.child import TrainingJob
 from trainer.config import TrainConfig
 from trainer.data import ImageSet
-from trainer.events import TERMINAL, Cancelled, Checkpoint, Event, Failed, Finished, Sample, Started, Step
+from trainer.events import Cancelled, Checkpoint, Failed, Finished, Sample, Started, Step
+from trainer.train import checkpoint_adapter
 
-CANCEL_GRACE_S = 15.0  # a child that ignores the stop flag this long is terminated
-PARENT_CHECK_S = 1.0
-ACTIVE = ("queued", "running")
-RESUMABLE = ("interrupted", "cancelled", "failed")
+log = logging.getLogger(__name__)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # the app or the child died while it ran
+    DISCARDED = "discarded"  # its checkpoints and images deleted; the record stays as history
+
+
+# Every move a job's state may make; JobManager._move refuses any other.
+MOVES: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.INTERRUPTED, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.FINISHED, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}),
+    # A stopped job can be resumed (queued), kept (its checkpoint saved as a style: finished) or discarded.
+    JobState.INTERRUPTED: frozenset({JobState.QUEUED, JobState.FINISHED, JobState.DISCARDED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.FINISHED, JobState.DISCARDED}),
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.FINISHED, JobState.DISCARDED}),
+    JobState.FINISHED: frozenset({JobState.DISCARDED}),
+    JobState.DISCARDED: frozenset({JobState.DISCARDED}),
+}
+ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+STOPPED = (JobState.INTERRUPTED, JobState.CANCELLED, JobState.FAILED)  # resumable, or their checkpoint kept
 
 
 @dataclass
@@ -42,7 +72,7 @@ class JobRecord:
     style_name: str
     config: dict
     model: str | None
-    state: str = "queued"  # queued | running | finished | failed | cancelled | interrupted | discarded
+    state: JobState = JobState.QUEUED
     created: float = field(default_factory=time.time)
     queued_at: float = field(default_factory=time.time)
     started: float | None = None
@@ -57,6 +87,32 @@ class JobRecord:
     pid: int | None = None  # the training process, while running
 
 
+def read_record(path: Path) -> tuple[JobRecord | None, list[str]]:
+    """A job record from its job.json, and what in it this version cannot use (then it must not run here).
+
+    (None, []) when the file is not a job record at all: a foreign or damaged folder, left alone.
+    """
+    try:
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(JobRecord)}
+        record = JobRecord(**{key: value for key, value in data.items() if key in known})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None, []
+    problems = []
+    if unknown := sorted(set(data) - known):
+        problems.append(f"fields this version does not know ({', '.join(unknown)})")
+    try:
+        record.state = JobState(record.state)
+    except ValueError:
+        problems.append(f"a state this version does not know ({record.state!r})")
+        record.state = JobState.FAILED
+    try:
+        TrainConfig.from_dict(record.config)
+    except (ValueError, TypeError, AttributeError) as err:
+        problems.append(f"settings this version cannot read ({err})")
+    return record, problems
+
+
 @dataclass
 class Progress:
     """What the UI shows about a job while it runs (kept in memory, rebuilt from disk after a restart)."""
@@ -67,105 +123,12 @@ class Progress:
     samples: list[tuple[str, str]] = field(default_factory=list)  # (png path, prompt) of the newest samples
 
 
-class TrainingJob:
-    """One training run in a child process, reading its images from `job_dir`.
-
-    >>> job = TrainingJob(cfg, model=None, workspace="ws", job_dir="ws/jobs/0001").start()  # doctest: +SKIP
-    >>> for event in job.events(): print(event)                                              # doctest: +SKIP
-    """
-
-    def __init__(self, cfg: TrainConfig, model: str | None, workspace: str | Path, job_dir: str | Path, resume: bool = False,
-                 model_config: str | None = None):
-        cfg.validate()
-        context = mp.get_context("spawn")  # a fresh interpreter: no state shared with the web server
-        self._events = context.Queue()
-        self._stop = context.Event()
-        self._process = context.Process(
-            target=_run,
-            args=(cfg.to_dict(), model, model_config, str(workspace), str(job_dir), resume, self._events, self._stop, os.getpid()),
-            daemon=True,
-        )
-
-    def start(self) -> "TrainingJob":
-        self._process.start()
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
-    def events(self, poll_s: float = 0.25) -> Iterator[Event]:
-        """Yield the child's events until a terminal one; a child that dies silently ends the stream.
-
-        Returns without a terminal event when the child died (killed, crashed): the caller decides.
-        """
-        stop_requested_at = None
-        while True:
-            try:
-                event = self._events.get(timeout=poll_s)
-            except queue.Empty:
-                if self._stop.is_set():  # cancel asked: give the child its grace time, then terminate it
-                    stop_requested_at = stop_requested_at or time.monotonic()
-                    if time.monotonic() - stop_requested_at > CANCEL_GRACE_S and self._process.is_alive():
-                        self._process.terminate()
-                if self._process.is_alive():
-                    continue
-                try:  # the child may have sent its last event just before exiting
-                    event = self._events.get(timeout=1.0)
-                except queue.Empty:
-                    return
-            yield event
-            if isinstance(event, TERMINAL):
-                self._process.join(timeout=CANCEL_GRACE_S)
-                return
-
-    def cancel(self) -> None:
-        """Ask the loop to stop between steps (it saves a checkpoint first); events() enforces the grace time."""
-        self._stop.set()
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._process.exitcode
-
-
-def _run(cfg_dict, model, model_config, workspace, job_dir, resume, events, stop, parent_pid) -> None:
-    """Child process body: every outcome, including an exception, ends as an event."""
-    _stop_when_orphaned(parent_pid, stop)
-    try:
-        from styles.library import StyleLibrary
-        from trainer.base import load_base
-        from trainer.checkpoints import CheckpointDir
-        from trainer.data import ingest
-        from trainer.train import train
-
-        cfg = TrainConfig.from_dict(cfg_dict)
-        base = load_base(model, cfg.precision, model_config)
-        images = ingest(Path(job_dir) / "images", cfg.resolution or base.resolution)
-        checkpoints = CheckpointDir(Path(job_dir) / "checkpoints", cfg.keep_checkpoints)
-        log_dir = Path(job_dir) / "logs"  # TensorBoard, when installed: tensorboard --logdir workspace/jobs
-        for event in train(cfg, images, base, StyleLibrary(workspace), stop, checkpoints=checkpoints, resume=resume, log_dir=log_dir):
-            events.put(event)
-    except Exception as err:  # reported to the parent, never swallowed
-        events.put(Failed(f"Training failed: {type(err).__name__}: {err}"))
-
-
-def _stop_when_orphaned(parent_pid: int, stop) -> None:
-    """If the app dies (even by kill -9), stop at the next step: a checkpoint is saved, nothing runs on unseen."""
-
-    def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_CHECK_S)
-        stop.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 class JobManager:
     """The job queue of one workspace: submit, follow, cancel, resume, keep or discard.
 
     >>> jobs = JobManager("workspace").start()      # doctest: +SKIP
     >>> job_id = jobs.submit(cfg, images)            # doctest: +SKIP
-    >>> for record, progress in jobs.follow(job_id): ...  # doctest: +SKIP
+    >>> for record in jobs.follow(job_id): print(record.state, record.step)  # doctest: +SKIP
     """
 
     def __init__(self, workspace: str | Path, model: str | None = None, model_config: str | None = None):
@@ -177,39 +140,55 @@ class JobManager:
         self._lock = threading.Condition()
         self._records: dict[str, JobRecord] = {}
         self._progress: dict[str, Progress] = {}
+        self._foreign: dict[str, str] = {}  # job id -> why this version leaves its record as it is
         self._running: TrainingJob | None = None
         self._running_id: str | None = None
         self._worker: threading.Thread | None = None
+        self._closing = False
         self._recover()
 
     # -- life cycle -----------------------------------------------------------------------
-    def start(self) -> "JobManager":
+    def start(self) -> JobManager:
         """Start the worker thread that runs queued jobs one after the other."""
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="style-studio-jobs", daemon=True)
             self._worker.start()
         return self
 
-    def _recover(self) -> None:
-        """Read every job record; those the last app left queued or running become interrupted."""
-        for path in sorted(self.root.glob("*/job.json")):
-            try:
-                record = JobRecord(**json.loads(path.read_text()))
-            except (ValueError, TypeError, OSError):
-                continue  # a foreign or damaged folder: leave it alone
-            progress = Progress()
-            from trainer.checkpoints import CheckpointDir  # torch: only when there is a job to recover
+    def close(self) -> None:
+        """Stop the worker: a running job is asked to stop (it keeps a checkpoint, to resume); queued jobs stay queued."""
+        with self._lock:
+            self._closing = True
+            if self._running:
+                self._running.cancel()
+            self._lock.notify_all()
+        if self._worker:
+            self._worker.join()
 
+    def _recover(self) -> None:
+        """Read every job record; those the last app left queued or running become interrupted.
+
+        A record this version cannot use (written by a newer one, or edited by hand) is listed as
+        failed with the reason and never written to: nothing in it is lost.
+        """
+        for path in sorted(self.root.glob("*/job.json")):
+            record, problems = read_record(path)
+            if record is None:
+                continue
+            progress = Progress()
             # The header alone (step, losses): start-up never loads weights or optimizer moments.
             latest = CheckpointDir(self._dir(record.id) / "checkpoints").latest_progress()
             if latest:
                 record.checkpoint_step, progress.losses = latest
-            if record.state in ACTIVE:
-                record.message = f"The app stopped while this job was {record.state}. {_resume_point(record)}"
-                record.state = "interrupted"
-                self._write(record)
-            self._records[record.id] = record
-            self._progress[record.id] = progress
+            with self._lock:
+                if problems:
+                    reason = f"Its record has {'; '.join(problems)}: this version of Style Studio cannot run it and leaves it as it is."
+                    self._foreign[record.id] = reason
+                    record.state, record.message = JobState.FAILED, reason
+                elif record.state in ACTIVE:
+                    self._move(record, JobState.INTERRUPTED, f"The app stopped while this job was {record.state}. {_resume_point(record)}")
+                self._records[record.id] = record
+                self._progress[record.id] = progress
 
     # -- actions --------------------------------------------------------------------------
     def submit(self, cfg: TrainConfig, images: ImageSet) -> str:
@@ -220,23 +199,23 @@ class JobManager:
             for other in self._records.values():
                 if other.style_name == cfg.style_name and other.state in ACTIVE:
                     raise ValueError(f"A job for a style named {cfg.style_name!r} is already {other.state}; pick another name.")
-            job_id = f"{max([int(i) for i in self._records] + [0]) + 1:04d}"
-            with staged_folder(self._dir(job_id)) as folder:  # a job folder appears whole or not at all
-                _write_images(folder / "images", images)
+            job_id = self._next_id()
             record = JobRecord(job_id, cfg.style_name, cfg.to_dict(), self.model, total_steps=cfg.steps,
                                skipped=images.skipped_lines())
+            with staged_folder(self._dir(job_id)) as folder:  # a job folder appears whole or not at all
+                _write_images(folder / "images", images)
+                write_text_atomic(folder / "job.json", _record_json(record))
             self._records[job_id], self._progress[job_id] = record, Progress()
-            self._write(record)
             self._lock.notify_all()
         return job_id
 
     def cancel(self, job_id: str) -> str:
         """Cancel a queued job at once, or ask a running one to stop (it keeps a checkpoint)."""
         with self._lock:
-            record = self.get(job_id)
-            if record.state == "queued":
-                self._end(record, "cancelled", "Cancelled before it started.")
-            elif record.state == "running" and self._running_id == job_id and self._running:
+            record = self._actionable(job_id)
+            if record.state == JobState.QUEUED:
+                self._move(record, JobState.CANCELLED, "Cancelled before it started.")
+            elif record.state == JobState.RUNNING and self._running_id == job_id and self._running:
                 self._running.cancel()
                 record.message = "Stopping after the current step…"
             else:
@@ -246,43 +225,37 @@ class JobManager:
     def resume(self, job_id: str) -> None:
         """Queue an interrupted, cancelled or failed job again; it continues from its newest checkpoint."""
         with self._lock:
-            record = self.get(job_id)
-            if record.state not in RESUMABLE:
-                raise ValueError(f"Job {job_id} is {record.state}; only {', '.join(RESUMABLE)} jobs can be resumed.")
+            record = self._actionable(job_id)
+            if record.state not in STOPPED:
+                raise ValueError(f"Job {job_id} is {record.state}; only {', '.join(STOPPED)} jobs can be resumed.")
             self.library.ensure_free(record.style_name)
-            record.state, record.resume, record.queued_at, record.message = "queued", True, time.time(), "Queued to resume."
-            self._write(record)
-            self._lock.notify_all()
+            self._move(record, JobState.QUEUED, "Queued to resume.", resume=True)
 
     def keep(self, job_id: str, style_name: str | None = None) -> str:
         """Save the newest checkpoint of a stopped job as a style; returns the style's name."""
-        from trainer.checkpoints import CheckpointDir
-        from trainer.train import keep_checkpoint
-
         with self._lock:
-            record = self.get(job_id)
-            if record.state not in RESUMABLE:
+            record = self._actionable(job_id)
+            if record.state not in STOPPED:
                 raise ValueError(f"Job {job_id} is {record.state}; only a stopped job's checkpoint can be kept.")
             state, _ = CheckpointDir(self._dir(job_id) / "checkpoints").load_latest()
             if state is None:
                 raise ValueError(f"Job {job_id} has no checkpoint to keep (it stopped before the first one).")
             name = style_name or record.style_name
-            thumbnail = self._thumbnail(job_id)
-            path = keep_checkpoint(state, self.library, name, thumbnail)
-            record.style_path = str(path)
-            self._end(record, "finished", f"Kept the checkpoint at step {state.step} as style {name!r}.")
+            path = self.library.save(name, checkpoint_adapter(state, name).to_bytes(), thumbnail=self._thumbnail(job_id))
+            self._move(record, JobState.FINISHED, f"Kept the checkpoint at step {state.step} as style {name!r}.",
+                       style_path=str(path))
             shutil.rmtree(self._dir(job_id) / "checkpoints", ignore_errors=True)
             return name
 
     def discard(self, job_id: str) -> None:
         """Delete a stopped job's checkpoints and images; its record stays in the history."""
         with self._lock:
-            record = self.get(job_id)
+            record = self._actionable(job_id)
             if record.state in ACTIVE:
                 raise ValueError(f"Job {job_id} is {record.state}; cancel it first.")
             for part in ("checkpoints", "images"):
                 shutil.rmtree(self._dir(job_id) / part, ignore_errors=True)
-            self._end(record, "discarded", "Checkpoints and images deleted.")
+            self._move(record, JobState.DISCARDED, "Checkpoints and images deleted.")
 
     # -- reading --------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:
@@ -303,8 +276,7 @@ class JobManager:
     def position(self, job_id: str) -> int:
         """1 for the next queued job, 2 for the one after, ...; 0 when not queued."""
         with self._lock:
-            queued = sorted((r for r in self._records.values() if r.state == "queued"), key=lambda r: (r.queued_at, r.id))
-            return next((i + 1 for i, r in enumerate(queued) if r.id == job_id), 0)
+            return next((i + 1 for i, r in enumerate(self._queued()) if r.id == job_id), 0)
 
     def follow(self, job_id: str, poll_s: float = 0.5) -> Iterator[JobRecord]:
         """Yield the record whenever it changes, until the job is no longer queued or running."""
@@ -331,29 +303,40 @@ class JobManager:
 
     # -- the worker -----------------------------------------------------------------------
     def _work(self) -> None:
-        while True:
-            with self._lock:
-                queued = sorted((r for r in self._records.values() if r.state == "queued"), key=lambda r: (r.queued_at, r.id))
-                if not queued:
-                    self._lock.wait(timeout=1.0)
-                    continue
-                record = queued[0]
-                record.state, record.started, record.message = "running", time.time(), "Starting…"
-                self._write(record)
-                job = TrainingJob(TrainConfig.from_dict(record.config), record.model, self.workspace, self._dir(record.id), record.resume,
-                                  self.model_config)
-                self._running, self._running_id = job, record.id
+        """Run queued jobs one after the other, for as long as the app runs: nothing one job does stops it."""
+        while (record := self._next_queued()) is not None:
             try:
-                job.start()
-                record.pid = job.pid
-                self._consume(record, job)
+                self._run(record)
             except Exception as err:  # the queue must keep going whatever one job does
-                with self._lock:
-                    self._end(record, "failed", f"The job could not run: {type(err).__name__}: {err}")
+                log.exception("job %s could not run", record.id)
+                self._fail(record, f"The job could not run: {type(err).__name__}: {err}")
             finally:
                 with self._lock:
                     self._running = self._running_id = None
                     self._lock.notify_all()
+
+    def _next_queued(self) -> JobRecord | None:
+        """The job to run next, once there is one; None when the manager is closing."""
+        with self._lock:
+            while not self._closing and not (queued := self._queued()):
+                self._lock.wait(timeout=1.0)
+            return None if self._closing else queued[0]
+
+    def _run(self, record: JobRecord) -> None:
+        """Build one job from its record, start its child and follow it to the end."""
+        with self._lock:
+            if self._closing:
+                return  # it stays queued
+            cfg = TrainConfig.from_dict(record.config)  # a record edited since it was queued may not read
+            job = TrainingJob(cfg, record.model, self.workspace, self._dir(record.id), record.resume, self.model_config)
+            self._move(record, JobState.RUNNING, "Starting…")
+            self._running, self._running_id = job, record.id
+        try:
+            job.start()
+            record.pid = job.pid
+            self._consume(record, job)
+        finally:
+            job.close()  # a child we stopped listening to (our own failure) must not train on unseen
 
     def _consume(self, record: JobRecord, job: TrainingJob) -> None:
         progress = self._progress[record.id]
@@ -372,33 +355,72 @@ class JobManager:
                 elif isinstance(event, Checkpoint):
                     record.checkpoint_step = event.step
                     self._write(record)
-                elif isinstance(event, Finished):
-                    record.style_path = event.path
-                    self._end(record, "finished", f"Style {event.style_name!r} is ready after {event.steps_done} steps.")
+                elif isinstance(event, Finished):  # the child saved the style
+                    self._move(record, JobState.FINISHED, f"Style {event.style_name!r} is ready after {event.steps_done} steps.",
+                               style_path=str(self.library.path_for(event.style_name)))
                     # The style holds the result; checkpoints only served a resume (the images stay as the record).
                     shutil.rmtree(self._dir(record.id) / "checkpoints", ignore_errors=True)
                 elif isinstance(event, Cancelled):
                     kept = f"A checkpoint at step {record.checkpoint_step} can be kept as a style or resumed." if event.checkpoint else "Nothing to keep."
-                    self._end(record, "cancelled", f"Cancelled at step {event.step}. {kept}")
+                    self._move(record, JobState.CANCELLED, f"Cancelled at step {event.step}. {kept}")
                 elif isinstance(event, Failed):
-                    self._end(record, "failed", event.message)
+                    self._move(record, JobState.FAILED, event.message)
                 self._lock.notify_all()
         with self._lock:
-            if record.state == "running":  # the child died without a word: killed, or crashed hard
-                self._end(record, "interrupted",
-                          f"The training process stopped unexpectedly (exit code {job.exitcode}). {_resume_point(record)}")
+            if record.state == JobState.RUNNING:  # the child died without a word: killed, or crashed hard
+                self._move(record, JobState.INTERRUPTED,
+                           f"The training process stopped unexpectedly (exit code {job.exitcode}). {_resume_point(record)}")
+
+    def _fail(self, record: JobRecord, message: str) -> None:
+        """End a job that could not run as failed: in memory for certain, on disk if the workspace lets us."""
+        with self._lock:
+            if JobState.FAILED not in MOVES[record.state]:
+                return  # it ended before the failure (finished, cancelled): that stands
+            try:
+                self._move(record, JobState.FAILED, message)
+            except OSError as err:
+                log.error("job %s failed and its record could not be written: %s", record.id, err)
+                record.message += f" Its record could not be written either ({err}); it will read as interrupted after a restart."
 
     # -- helpers --------------------------------------------------------------------------
+    def _move(self, record: JobRecord, state: JobState, message: str, **changes) -> None:
+        """The one place a job's state changes: along MOVES only, then the record is written and waiters woken."""
+        if state not in MOVES[record.state]:
+            raise ValueError(f"Job {record.id} is {record.state} and cannot become {state}.")
+        now = time.time()
+        record.state, record.message = state, message
+        if state == JobState.QUEUED:
+            record.queued_at = now
+        elif state == JobState.RUNNING:
+            record.started = now
+        else:
+            record.ended, record.resume = now, False
+        for name, value in changes.items():
+            setattr(record, name, value)
+        self._lock.notify_all()
+        self._write(record)
+
+    def _actionable(self, job_id: str) -> JobRecord:
+        """The record a user action applies to; a record of another version is left as it is."""
+        record = self.get(job_id)
+        if job_id in self._foreign:
+            raise ValueError(f"Job {job_id}: {self._foreign[job_id]}")
+        return record
+
+    def _queued(self) -> list[JobRecord]:
+        """The queue, in the order it runs."""
+        return sorted((r for r in self._records.values() if r.state == JobState.QUEUED), key=lambda r: (r.queued_at, r.id))
+
+    def _next_id(self) -> str:
+        """One more than any job id or job folder: a damaged folder's number is not reused."""
+        taken = [int(name) for name in [*self._records, *(p.name for p in self.root.iterdir())] if name.isdigit()]
+        return f"{max(taken, default=0) + 1:04d}"
+
     def _dir(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def _end(self, record: JobRecord, state: str, message: str) -> None:
-        record.state, record.message, record.ended, record.resume = state, message, time.time(), False
-        self._write(record)
-        self._lock.notify_all()
-
     def _write(self, record: JobRecord) -> None:
-        write_text_atomic(self._dir(record.id) / "job.json", json.dumps(asdict(record), indent=1))
+        write_text_atomic(self._dir(record.id) / "job.json", _record_json(record))
 
     def _save_samples(self, job_id: str, event: Sample) -> list[tuple[str, str]]:
         folder = self._dir(job_id) / "samples"
@@ -410,13 +432,15 @@ class JobManager:
             saved.append((str(path), f"step {event.step}: {prompt}"))
         return saved
 
-    def _thumbnail(self, job_id: str):
-        from PIL import Image
-
+    def _thumbnail(self, job_id: str) -> Image.Image | None:
         samples = sorted((self._dir(job_id) / "samples").glob("*.png"))
         images = sorted((self._dir(job_id) / "images").glob("*.png"))
         source = samples[-1] if samples else images[0] if images else None  # the newest sample, else a training image
         return Image.open(source).convert("RGB") if source else None
+
+
+def _record_json(record: JobRecord) -> str:
+    return json.dumps(asdict(record), indent=1)
 
 
 def _resume_point(record: JobRecord) -> str:

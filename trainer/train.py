@@ -22,10 +22,10 @@ import json
 import math
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +36,8 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from styles import formats
-from styles.library import StyleLibrary
-from trainer.base import Base
+from models.base import Base, BaseInUse
+from styles.formats import StyleAdapter
 from trainer.checkpoints import CheckpointDir, TrainingState
 from trainer.config import TrainConfig
 from trainer.data import ImageSet
@@ -55,73 +54,73 @@ def train(
     cfg: TrainConfig,
     images: ImageSet,
     base: Base,
-    library: StyleLibrary,
     stop: threading.Event | None = None,
-    overwrite: bool = False,
     checkpoints: CheckpointDir | None = None,
     resume: bool = False,
     log_dir: str | Path | None = None,
 ) -> Iterator[Event]:
-    """Train a style and save it into `library`, yielding Started, Step..., Sample, Checkpoint, Finished.
+    """Train a style, yielding Started, Step..., Sample, Checkpoint, and last Finished, which hands the adapter back.
+
+    The caller saves `Finished.adapter` through the library (train() writes no style file):
+    >>> for event in train(cfg, ingest("photos/", 64), load_base()):              # doctest: +SKIP
+    ...     if isinstance(event, Finished):
+    ...         library.save(cfg.style_name, event.adapter.to_bytes(), thumbnail=event.thumbnail)
 
     With `checkpoints`, the run saves its state every `cfg.checkpoint_every` steps and when it is
     stopped (then it ends with Cancelled), and `resume=True` continues from the newest readable
     checkpoint: the result equals an uninterrupted run's. A failure ends with Failed.
-    The base's UNet is borrowed for the run: the LoRA layers are removed again at the end.
-    Under `accelerate launch`, every process runs this and gradients are averaged (data parallel).
-    With `log_dir` and the optional tensorboard package installed, losses also go to TensorBoard.
-
-    >>> for event in train(cfg, ingest("photos/", 64), load_base(), StyleLibrary("ws")):  # doctest: +SKIP
-    ...     print(event)
+    The base's pipeline is claimed for the run (models.base.Base.claim: a pipeline a Blender holds
+    is refused) and given back as it came. Under `accelerate launch`, every process runs this and
+    gradients are averaged (data parallel). With `log_dir` and the optional tensorboard package
+    installed, losses also go to TensorBoard.
     """
     cfg.validate()
     pipe, unet, device = base.pipe, base.pipe.unet, base.device
+    run = object()  # this run, as the claimant of the base's pipeline
     try:
         check_device_options(cfg, device)
-        if not overwrite:
-            library.ensure_free(cfg.style_name)
-    except (ValueError, FileExistsError) as err:
+        base.claim(run, "a training run")
+    except (ValueError, BaseInUse) as err:
         yield Failed(str(err))
         return
     tensorboard = log_dir is not None and is_tensorboard_available()
-    # One process unless run by `accelerate launch`; its trackers write TensorBoard logs when asked.
-    accelerator = Accelerator(cpu=device.type == "cpu", log_with="tensorboard" if tensorboard else None, project_dir=log_dir)
-    if tensorboard:
-        accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
-    state, notes = checkpoints.load_latest() if checkpoints and resume else (None, [])
-    if state and len(state.generators) != accelerator.num_processes:  # it continues, but not as the same run
-        notes.append(f"The checkpoint was written by {len(state.generators)} process(es) and this run has "
-                     f"{accelerator.num_processes}: its batches will differ from an uninterrupted run's.")
-    first_step = state.step if state else 0
-    losses = list(state.losses) if state else []
-    yield Started(cfg.steps, len(images), images.skipped_lines(), first_step, losses[:], notes)
-
-    # 1. Cache what the frozen parts compute: latent distributions and caption embeddings.
-    latent_mean, latent_std = encode_images(pipe, images.images)
-    captions = [cfg.caption_for(caption) for caption in images.captions]
-    sizes = [image.size for image in images.images]
-    conditioning = encode_conditioning(pipe, captions, sizes)
-    empty = encode_conditioning(pipe, [""], sizes[:1])  # for caption dropout: the classifier-free guidance branch
-    sample_prompts = [captions[i % len(captions)] for i in range(cfg.num_samples)]  # fixed prompts and seeds
-
-    # 2. LoRA layers on the attention projections; their init is seeded so a run is reproducible.
-    lora_config = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.lora_alpha,
-        init_lora_weights="gaussian",
-        target_modules=list(cfg.target_modules),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        unet.add_adapter(lora_config, adapter_name=TRAINING_ADAPTER)
     try:
+        # One process unless run by `accelerate launch`; its trackers write TensorBoard logs when asked.
+        accelerator = Accelerator(cpu=device.type == "cpu", log_with="tensorboard" if tensorboard else None, project_dir=log_dir)
+        if tensorboard:
+            accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
+        state, notes = checkpoints.load_latest() if checkpoints and resume else (None, [])
+        if state and len(state.generators) != accelerator.num_processes:  # it continues, but not as the same run
+            notes.append(f"The checkpoint was written by {len(state.generators)} process(es) and this run has "
+                         f"{accelerator.num_processes}: its batches will differ from an uninterrupted run's.")
+        first_step = state.step if state else 0
+        losses = list(state.losses) if state else []
+        yield Started(cfg.steps, len(images), images.skipped_lines(), first_step, losses[:], notes)
+
+        # 1. Cache what the frozen parts compute: latent distributions and caption embeddings.
+        latent_mean, latent_std = encode_images(pipe, images.images)
+        captions = [cfg.caption_for(caption) for caption in images.captions]
+        sizes = [image.size for image in images.images]
+        conditioning = encode_conditioning(pipe, captions, sizes)
+        empty = encode_conditioning(pipe, [""], sizes[:1])  # for caption dropout: the classifier-free guidance branch
+        sample_prompts = [captions[i % len(captions)] for i in range(cfg.num_samples)]  # fixed prompts and seeds
+
+        # 2. LoRA layers on the attention projections; their init is seeded so a run is reproducible.
+        lora_config = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.lora_alpha,
+            init_lora_weights="gaussian",
+            target_modules=list(cfg.target_modules),
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            unet.add_adapter(lora_config, adapter_name=TRAINING_ADAPTER)
         # The VAE and text encoder(s) now idle until samples are drawn: they wait on the CPU and leave the GPU
         # to the UNet (SDXL's take 1.8 GB in bf16), as kohya's sd-scripts does once latents are cached.
         move_encoders(pipe, torch.device("cpu"))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # hand their blocks back, so the UNet's activations find room on a small card
         unet.set_adapter(TRAINING_ADAPTER)
-        unet.enable_adapters()  # a blender may have switched LoRA layers off (every scale at 0)
         cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, cfg, device)
@@ -231,25 +230,20 @@ def train(
         move_encoders(pipe, device)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
-            return  # process 0 renders and saves; the others hold the same weights
+            return  # process 0 renders and hands the adapter back; the others hold the same weights
 
-        # 4. Samples from the finished adapter, then the style file.
+        # 4. Samples from the finished adapter, then the adapter itself, for the caller to save.
         samples = render_samples(pipe, sample_prompts, cfg.seed)
         if samples:
             yield Sample(step=done, images=samples, prompts=sample_prompts)
-        path = save_style(
-            library,
-            cfg,
-            get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER),
-            style_info,
-            losses,
-            thumbnail=samples[0] if samples else images.images[0],
-            overwrite=overwrite,
-        )
-        yield Finished(style_name=cfg.style_name, path=str(path), steps_done=done)
-    finally:  # the base is borrowed: give it back as it came
+        adapter = style_adapter(cfg, get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER), style_info, losses)
+        yield Finished(cfg.style_name, done, adapter, thumbnail=samples[0] if samples else images.images[0])
+    finally:  # the pipeline is claimed for the run: give it back as it came
         unet.eval()
-        unet.delete_adapters(TRAINING_ADAPTER)
+        if TRAINING_ADAPTER in getattr(unet, "peft_config", {}):
+            unet.delete_adapters(TRAINING_ADAPTER)
+            if not getattr(unet, "peft_config", None):
+                unet.unload_lora()  # the emptied peft wrappers out too: the base's own layers back in place
         if cfg.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         if cfg.channels_last:
@@ -257,6 +251,7 @@ def train(
         move_encoders(pipe, device)
         if tensorboard:
             accelerator.end_training()
+        base.release(run)
 
 
 OUT_OF_MEMORY = (
@@ -321,19 +316,24 @@ def _kept(checkpoints: CheckpointDir | None) -> str:
     return f" The last good checkpoint ({latest[0].stem}) is kept: resume from it." if latest else ""
 
 
-def save_style(
-    library: StyleLibrary, cfg: TrainConfig, adapter: dict, info: dict[str, str], losses: list[float], thumbnail=None, overwrite=False
-):
-    """Write a style file (atomically) from a peft UNet LoRA state dict and what is known about the run."""
+def style_adapter(cfg: TrainConfig, lora_state: dict, info: dict[str, str], losses: list[float]) -> StyleAdapter:
+    """The style a run made: its peft UNet LoRA state dict, and how it was made (TrainConfig, base model, ...)."""
     info = {
         "config": cfg.to_json(),
         "trigger": cfg.trigger_word,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "final_loss": f"{losses[-1]:.6f}" if losses else "nan",
         **info,
     }
-    tensors, metadata = formats.encode_style(adapter, cfg.rank, cfg.lora_alpha, list(cfg.target_modules), info)
-    return library.save(cfg.style_name, tensors, metadata, thumbnail=thumbnail, overwrite=overwrite)
+    return StyleAdapter(lora_state, cfg.rank, cfg.lora_alpha, list(cfg.target_modules), info)
+
+
+def checkpoint_adapter(state: TrainingState, style_name: str) -> StyleAdapter:
+    """A checkpoint's adapter as a finished style named `style_name` (a stopped run the user wants to keep)."""
+    info = dict(state.info)
+    cfg = TrainConfig.from_dict({**json.loads(info.pop("config")), "style_name": style_name})
+    info["steps_done"] = str(state.step)
+    return style_adapter(cfg, state.adapter, info, state.losses)
 
 
 @dataclass
@@ -348,13 +348,13 @@ class Conditioning:
     pooled: torch.Tensor | None = None  # SDXL: (n, width of text_encoder_2's projection)
     time_ids: torch.Tensor | None = None  # SDXL: (n, 6)
 
-    def __getitem__(self, index) -> "Conditioning":
+    def __getitem__(self, index) -> Conditioning:
         return Conditioning(*(None if t is None else t[index] for t in (self.text, self.pooled, self.time_ids)))
 
-    def to(self, device) -> "Conditioning":
+    def to(self, device) -> Conditioning:
         return Conditioning(*(None if t is None else t.to(device) for t in (self.text, self.pooled, self.time_ids)))
 
-    def with_dropout(self, dropped: torch.Tensor, empty: "Conditioning") -> "Conditioning":
+    def with_dropout(self, dropped: torch.Tensor, empty: Conditioning) -> Conditioning:
         """Rows where `dropped` is set get the empty prompt's text embeddings, pooled one included; sizes stay."""
         text = torch.where(dropped[:, None, None], empty.text, self.text)
         pooled = None if self.pooled is None else torch.where(dropped[:, None], empty.pooled, self.pooled)
@@ -467,11 +467,3 @@ def render_samples(pipe, prompts: list[str], seed: int) -> list:
     finally:
         move_encoders(pipe, waiting_on)
         pipe.unet.train(was_training)
-
-
-def keep_checkpoint(state: TrainingState, library: StyleLibrary, style_name: str, thumbnail=None):
-    """Save a checkpoint's adapter as a finished style (a cancelled run the user wants to keep)."""
-    info = dict(state.info)
-    cfg = TrainConfig.from_dict({**json.loads(info.pop("config")), "style_name": style_name})
-    info["steps_done"] = str(state.step)
-    return save_style(library, cfg, state.adapter, info, state.losses, thumbnail=thumbnail)

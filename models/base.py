@@ -7,15 +7,17 @@ records the family it was trained on, and the blender refuses a style of another
 The embedded model is a diffusers folder we pretrain and commit (embedded/); it is
 loaded with from_pretrained like any other.
 
-Also the one place that decides device and dtype (ARCHITECTURE.md convention 5).
+Also the one place that decides device and dtype (ARCHITECTURE.md convention 5), and where a Base
+computes its facts (family, resolution, UNet hash, layout), once, at load: training (trainer/) and
+blending (styles/) both use it, and neither imports the other.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,8 +28,9 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
-from core.files import PICKLE_SUFFIXES
 import embedded
+from core.files import PICKLE_SUFFIXES
+from core.names import ATTENTION_PROJECTIONS
 
 # The text-to-image pipelines we train on, by the class name a diffusers folder's model_index.json gives.
 PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
@@ -51,34 +54,101 @@ def choose_device_dtype(precision: str = "auto") -> tuple[torch.device, torch.dt
 
 
 @dataclass
+class UnetLayout:
+    """What an adapter must match: the base UNet's attention projections and all its module paths."""
+
+    projections: dict[str, tuple[int, int]]  # diffusers module path -> (out features, in features)
+    modules: set[str]
+    layers_per_block: int
+
+    @classmethod
+    def of(cls, unet: torch.nn.Module) -> UnetLayout:
+        projections, modules = {}, set()
+        for name, module in unet.named_modules():
+            if not name:
+                continue
+            modules.add(name)
+            if name.endswith(tuple("." + p for p in ATTENTION_PROJECTIONS)) and hasattr(module, "in_features"):
+                projections[name] = (module.out_features, module.in_features)
+        layers = unet.config.layers_per_block
+        return cls(projections, modules, layers if isinstance(layers, int) else layers[0])
+
+
+class BaseInUse(RuntimeError):
+    """A training run or a Blender asked for a pipeline that another of them has changed."""
+
+
+@dataclass(eq=False)
 class Base:
-    """A loaded base pipeline and what we know about it."""
+    """A loaded base pipeline and the facts about it, computed once, when it is loaded (Base.of).
+
+    Training and blending both change the pipeline (LoRA layers, fused weights), so one pipeline
+    serves one of them at a time: whoever changes it claims it first, and a second claimant is
+    refused with BaseInUse. Train on a Base of its own, or inside `blender.lend_base()`, which
+    hands the pipeline over as it was loaded and takes it back.
+    """
 
     pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
     model_id: str
     family: str  # "sd1" | "sd2" | "sdxl"
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
-    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" (the noise) or "v_prediction"
+    device: torch.device
+    dtype: torch.dtype
+    prediction_type: str  # what the UNet predicts: "epsilon" (the noise) or "v_prediction"
+    resolution: int  # native image size in pixels
+    unet_hash: str  # sha256 over the UNet's weights, to tell models apart (styles record it)
+    layout: UnetLayout  # what an adapter file must fit
+    _user: tuple[object, str] | None = field(default=None, repr=False)  # (who changes the pipeline now, its description)
+    _claims: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    @property
-    def resolution(self) -> int:
-        """Native image size in pixels."""
-        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+    @classmethod
+    def of(cls, pipe, model_id: str, device: torch.device, dtype: torch.dtype) -> Base:
+        """Freeze a pipeline, cast it to `dtype`, read its facts (on the CPU) and move it to `device`."""
+        for part in pipe.components.values():  # unet, vae and the text encoder(s): nothing of the base trains
+            if isinstance(part, torch.nn.Module):
+                part.requires_grad_(False)
+        if pipe.unet.dtype != dtype:
+            pipe.to(dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        base = cls(
+            pipe=pipe,
+            model_id=model_id,
+            family=detect_family(pipe.unet.config),
+            device=device,
+            dtype=dtype,
+            prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+            resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+            unet_hash=unet_hash(pipe.unet),  # before the move: hashing reads every weight on the CPU
+            layout=UnetLayout.of(pipe.unet),
+        )
+        pipe.to(device)
+        return base
 
-    @cached_property
-    def unet_hash(self) -> str:
-        """sha256 over the UNet's base weights (LoRA layers excluded), to tell models apart."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.pipe.unet.state_dict().items()):
-            if "lora_" in name:
-                continue
-            name = name.replace(".base_layer", "")  # peft wraps targeted layers; hash the same names
-            digest.update(name.encode())
-            # Flattened before the byte view: a channels-last 1x1 conv weight counts as contiguous with a last
-            # stride > 1, which view(uint8) refuses. The bytes are the same row-major ones either way.
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:16]
+    def claim(self, user: object, what: str) -> None:
+        """Record that `user` (`what`: its description for messages) is changing the pipeline; BaseInUse if another is."""
+        with self._claims:
+            if self._user is not None and self._user[0] is not user:
+                raise BaseInUse(
+                    f"This base model's pipeline is held by {self._user[1]}, so {what} cannot use it: give "
+                    "it a Base of its own (load_base()), or hand the pipeline over with `with blender.lend_base():`."
+                )
+            self._user = (user, what)
+
+    def release(self, user: object) -> None:
+        """`user` has given the pipeline back as it was loaded."""
+        with self._claims:
+            if self._user is not None and self._user[0] is user:
+                self._user = None
+
+
+def unet_hash(unet: torch.nn.Module) -> str:
+    """sha256 over a UNet's weights, by name, to tell base models apart (the first 16 hex digits)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        digest.update(name.encode())
+        # Flattened before the byte view: a channels-last 1x1 conv weight counts as contiguous with a last
+        # stride > 1, which view(uint8) refuses. The bytes are the same row-major ones either way.
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_base(model: str | None = None, precision: str = "auto", model_config: str | None = None) -> Base:
@@ -103,16 +173,7 @@ def load_base(model: str | None = None, precision: str = "auto", model_config: s
         pipe, model_id = _load_pipeline(str(embedded.MODEL_DIR), dtype), embedded.EMBEDDED_ID
     else:
         pipe, model_id = _load_pipeline(str(model), dtype, model_config), str(model)
-    family = detect_family(pipe.unet.config)
-    pipe.to(device)
-    if pipe.unet.dtype != dtype:
-        pipe.to(dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    for part in pipe.components.values():  # unet, vae and the text encoder(s): nothing of the base trains
-        if isinstance(part, torch.nn.Module):
-            part.requires_grad_(False)
-    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    return Base(pipe=pipe, model_id=model_id, family=family, device=device, dtype=dtype, prediction_type=prediction_type)
+    return Base.of(pipe, model_id, device, dtype)
 
 
 def detect_family(unet_config: Mapping) -> str:

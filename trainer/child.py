@@ -1,0 +1,133 @@
+"""One training run in a child process: a fresh interpreter, so a crash or an out-of-memory error there
+never takes the web server down. trainer/jobs.py runs one at a time.
+
+The child trains with train(), saves the style it hands back into the library, and reports every
+event to the parent through a queue; every outcome, an exception included, ends as an event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from styles.library import StyleLibrary
+from trainer.config import TrainConfig
+from trainer.events import TERMINAL, Event, Failed, Finished
+
+CANCEL_GRACE_S = 15.0  # a child that ignores the stop flag this long is terminated
+PARENT_CHECK_S = 1.0
+
+
+class TrainingJob:
+    """One training run in a child process, reading its images from `job_dir`.
+
+    >>> job = TrainingJob(cfg, model=None, workspace="ws", job_dir="ws/jobs/0001").start()  # doctest: +SKIP
+    >>> for event in job.events(): print(event)                                              # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: TrainConfig, model: str | None, workspace: str | Path, job_dir: str | Path, resume: bool = False,
+                 model_config: str | None = None):
+        cfg.validate()
+        context = mp.get_context("spawn")  # a fresh interpreter: no state shared with the web server
+        self._events = context.Queue()
+        self._stop = context.Event()
+        self._process = context.Process(
+            target=_run,
+            args=(cfg.to_dict(), model, model_config, str(workspace), str(job_dir), resume, self._events, self._stop, os.getpid()),
+            daemon=True,
+        )
+
+    def start(self) -> TrainingJob:
+        self._process.start()
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def events(self, poll_s: float = 0.25) -> Iterator[Event]:
+        """Yield the child's events until a terminal one; a child that dies silently ends the stream.
+
+        Returns without a terminal event when the child died (killed, crashed): the caller decides.
+        """
+        stop_requested_at = None
+        while True:
+            try:
+                event = self._events.get(timeout=poll_s)
+            except queue.Empty:
+                if self._stop.is_set():  # cancel asked: give the child its grace time, then terminate it
+                    stop_requested_at = stop_requested_at or time.monotonic()
+                    if time.monotonic() - stop_requested_at > CANCEL_GRACE_S and self._process.is_alive():
+                        self._process.terminate()
+                if self._process.is_alive():
+                    continue
+                try:  # the child may have sent its last event just before exiting
+                    event = self._events.get(timeout=1.0)
+                except queue.Empty:
+                    return
+            yield event
+            if isinstance(event, TERMINAL):
+                self._process.join(timeout=CANCEL_GRACE_S)
+                return
+
+    def cancel(self) -> None:
+        """Ask the loop to stop between steps (it saves a checkpoint first); events() enforces the grace time."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Make sure the child is gone: asked to stop (it checkpoints on the way out), terminated after the grace time.
+
+        For a parent that stops listening before the end (its own failure): nothing trains on unseen.
+        """
+        if self._process.is_alive():
+            self._stop.set()
+            self._process.join(CANCEL_GRACE_S)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(CANCEL_GRACE_S)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._process.exitcode
+
+
+def _run(cfg_dict, model, model_config, workspace, job_dir, resume, events, stop, parent_pid) -> None:
+    """Child process body: every outcome, including an exception, ends as an event."""
+    _stop_when_orphaned(parent_pid, stop)
+    try:
+        # Imported here, inside the failure boundary: a broken install ends as a Failed event with its reason.
+        from models.base import load_base
+        from trainer.checkpoints import CheckpointDir
+        from trainer.data import ingest
+        from trainer.train import train
+
+        cfg = TrainConfig.from_dict(cfg_dict)
+        library = StyleLibrary(workspace)
+        base = load_base(model, cfg.precision, model_config)
+        images = ingest(Path(job_dir) / "images", cfg.resolution or base.resolution)
+        checkpoints = CheckpointDir(Path(job_dir) / "checkpoints", cfg.keep_checkpoints)
+        log_dir = Path(job_dir) / "logs"  # TensorBoard, when installed: tensorboard --logdir workspace/jobs
+        for event in train(cfg, images, base, stop, checkpoints=checkpoints, resume=resume, log_dir=log_dir):
+            if isinstance(event, Finished):  # train() hands the style back; the job saves it
+                library.save(cfg.style_name, event.adapter.to_bytes(), thumbnail=event.thumbnail)
+                event = dataclasses.replace(event, adapter=None, thumbnail=None)  # on disk now: the parent gets the news
+            events.put(event)
+    except Exception as err:  # reported to the parent, never swallowed
+        events.put(Failed(f"Training failed: {type(err).__name__}: {err}"))
+
+
+def _stop_when_orphaned(parent_pid: int, stop) -> None:
+    """If the app dies (even by kill -9), stop at the next step: a checkpoint is saved, nothing runs on unseen."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
