@@ -43,24 +43,29 @@ def main(argv=None) -> None:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     limits = UploadLimits(max_file_bytes=round(args.max_file_mb * MB), max_total_bytes=round(args.max_upload_mb * MB))
 
-    from diffusers.utils import logging as diffusers_logging
+    from app.studio import Studio  # torch and the model load only once the flags are known to be good
 
-    from app.studio import Studio
-    from app.ui import CSS, build_ui
-
-    diffusers_logging.set_verbosity_error()  # per-adapter "missing keys" notes are expected when several styles load
     try:
         studio = Studio(args.workspace, args.model, limits=limits, model_config=args.model_config)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
-    demo = build_ui(studio)
+    serve(studio, host=args.host, port=args.port, share=args.share, auth=credentials)
+
+
+def serve(studio, host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth: tuple[str, str] | None = None,
+          block: bool = True):
+    """Serve the page and its API for `studio`; with block=False, return the running gr.Blocks at once (tests)."""
+    from app.layout import CSS, build_ui
+
+    demo = build_ui(studio).demo
     demo.queue(default_concurrency_limit=1)
     demo.launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=credentials,
+        server_name=host, server_port=port, share=share, auth=auth,
         allowed_paths=[str(studio.workspace)],  # files the page may fetch: the workspace, nothing else
-        max_file_size=limits.largest_upload_file,  # the server drops bigger uploads before they reach the disk
-        css=CSS,
+        max_file_size=studio.limits.largest_upload_file,  # the server drops bigger uploads before they reach the disk
+        css=CSS, prevent_thread_lock=not block,
     )
+    return demo
 
 
 def check_access(host: str, share: bool, auth: str | None, insecure: bool) -> tuple[tuple[str, str] | None, str | None]:

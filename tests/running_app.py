@@ -1,7 +1,9 @@
-"""Start `python -m app` as a real subprocess on a free port and wait until it answers."""
+"""The app, served for a test: `python -m app` as a real subprocess (start_app), or its own serve() in this
+process (serving), which skips a new interpreter and a second model load."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -48,3 +50,22 @@ def start_app(workspace: Path, extra_args: list[str] | None = None, auth: tuple[
 def stop_app(process: subprocess.Popen) -> None:
     process.terminate()
     process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving(workspace: Path, limits=None, auth: tuple[str, str] | None = None):
+    """(gradio_client.Client, url, Studio) of the app's own serve() in this process, on a free port; closed after."""
+    from gradio_client import Client
+
+    from app.__main__ import serve
+    from app.studio import Studio
+
+    studio = Studio(workspace, limits=limits)
+    port = free_port()
+    demo = serve(studio, port=port, auth=auth, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        yield Client(url, verbose=False, auth=auth), url, studio
+    finally:
+        demo.close()
+        studio.close()

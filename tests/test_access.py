@@ -10,7 +10,8 @@ import time
 import pytest
 
 from app.__main__ import AUTH_ENV, check_access
-from tests.running_app import ROOT, free_port, start_app, stop_app
+from tests.running_app import ROOT, free_port, serving
+from trainer.data import MB, UploadLimits
 
 # host, share, auth, insecure -> credentials passed to gradio, warning printed, or the words of the refusal
 ACCESS_CASES = [
@@ -80,14 +81,11 @@ def test_exposed_app_without_a_password_exits_before_loading_the_model(tmp_path,
 
 @pytest.fixture(scope="module")
 def guarded_app(tmp_path_factory):
-    """An app with a password and a 1 MB server upload cap; yields (url, workspace)."""
+    """The app's server with a password and a 1 MB upload cap (what --auth u:p --max-file-mb 1 --max-upload-mb 1
+    give serve()), in this process; yields (url, workspace)."""
     workspace = tmp_path_factory.mktemp("workspace")
-    try:
-        process, _, url = start_app(workspace, ["--auth", "u:p", "--max-file-mb", "1", "--max-upload-mb", "1"], auth=("u", "p"))
-    except RuntimeError as err:
-        pytest.fail(str(err))
-    yield url, workspace
-    stop_app(process)
+    with serving(workspace, limits=UploadLimits(max_file_bytes=MB, max_total_bytes=MB), auth=("u", "p")) as (_, url, _):
+        yield url, workspace
 
 
 def test_password_is_required(guarded_app):

@@ -23,6 +23,7 @@ ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 STEP_TIMEOUT_MS = 240_000
+pytestmark = pytest.mark.slow  # a real app and a real browser, training real jobs
 
 
 def _require_browser():

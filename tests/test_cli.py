@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -22,6 +23,7 @@ def _run(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_trains_from_a_toml_config(tmp_path, image_folder):
     config = tmp_path / "style.toml"
     config.write_text('style_name = "cli-style"\npreset = "Quick"\nsteps = 5\nnum_samples = 0\n')
@@ -47,6 +49,7 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path):
     assert result.returncode == 2 and "not allowed" in result.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path, image_folder):
     args = ["--preset", "Quick", "--set", "style_name=later", "--set", "steps=100000", "--set", "checkpoint_every=5",
             "--set", "num_samples=0", "--images", image_folder, "--workspace", tmp_path / "ws"]
@@ -71,6 +74,7 @@ LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer"]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_trains_one_style_over_two_processes(tmp_path, image_folder):
     """Data parallel on two CPU processes (gloo): one style is saved, and it differs from a one-process run;
     Ctrl-C and --resume over two processes end with the uninterrupted two-process adapter."""

@@ -1,4 +1,4 @@
-"""Hostile uploads sent to the running app through its API: each is refused with a message naming
+"""Hostile uploads sent to the app's server through its API: each is refused with a message naming
 the problem, the app keeps serving, and nothing is written outside the workspace or left half-written in it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import pattern_image, png_bytes
-from tests.running_app import start_app, stop_app
+from tests.running_app import serving
 from tests.test_data import patch_member, png_claiming, zip_bytes
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -39,22 +39,16 @@ HOSTILE_UPLOADS = [
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """One `python -m app` for the whole module, with gradio's upload cache in the test's own folder.
-
-    Yields (client, workspace, its files once started, upload cache, folder for the hostile files).
-    """
+    """The app's server (its own serve(), in this process) for the whole module, with gradio's upload cache in
+    the test's own folder. Yields (client, workspace, its files once started, upload cache, folder for the hostile files)."""
     root = tmp_path_factory.mktemp("hostile")
     workspace, cache, uploads = root / "workspace", root / "gradio-cache", root / "uploads"
     for folder in (workspace, cache, uploads):
         folder.mkdir()
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("GRADIO_TEMP_DIR", str(cache))  # start_app passes the environment on
-        try:
-            process, client, _ = start_app(workspace)
-        except RuntimeError as err:
-            pytest.fail(str(err))
-    yield client, (workspace, _files(workspace)), (cache, _files(cache)), uploads
-    stop_app(process)
+        env.setenv("GRADIO_TEMP_DIR", str(cache))  # read when the page is built and served
+        with serving(workspace) as (client, _, _):
+            yield client, (workspace, _files(workspace)), (cache, _files(cache)), uploads
 
 
 def _files(folder: Path) -> set[str]:
@@ -74,8 +68,13 @@ def test_hostile_upload_is_refused_with_its_reason(app, index):
 
 
 def test_app_still_serves_and_nothing_was_written(app):
-    # Runs after the hostile uploads above (pytest keeps the file's order).
     client, (workspace, workspace_files), (cache, cache_files), uploads = app
+    for index, (name, make, style_name, _) in enumerate(HOSTILE_UPLOADS):  # every one, whatever ran before
+        path = uploads / f"again-{index}" / name
+        path.parent.mkdir()
+        path.write_bytes(make())
+        with pytest.raises(Exception):
+            client.predict(files=[handle_file(str(path))], style_name=style_name, api_name="/submit_training")
     assert client.predict(api_name="/list_styles") == []
     assert client.predict(api_name="/list_jobs") == []  # nothing was queued
     # Nothing new in the workspace: no style, no job folder, no staging or *.tmp file left behind.

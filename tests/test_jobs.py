@@ -33,6 +33,7 @@ def _wait_for(condition, timeout_s=TIMEOUT_S, what="condition"):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_two_queued_jobs_run_one_after_the_other(tmp_path):
     jobs = JobManager(tmp_path).start()
     first = jobs.submit(make_config("Quick", style_name="first", steps=6, num_samples=0), _images())
@@ -53,6 +54,7 @@ def test_two_queued_jobs_run_one_after_the_other(tmp_path):
         raise AssertionError("a second job for an existing style was accepted")
 
 
+@pytest.mark.slow
 def test_cancel_then_keep_or_discard_the_checkpoint(tmp_path):
     jobs = JobManager(tmp_path).start()
     cfg = dict(steps=100_000, num_samples=0, checkpoint_every=5)
@@ -75,6 +77,7 @@ def test_cancel_then_keep_or_discard_the_checkpoint(tmp_path):
     assert not StyleLibrary(tmp_path).exists("dropped")
 
 
+@pytest.mark.slow
 def test_killed_child_is_interrupted_and_resumes(tmp_path):
     jobs = JobManager(tmp_path).start()
     job = jobs.submit(make_config("Quick", style_name="phoenix", steps=40, num_samples=0, checkpoint_every=5), _images())
@@ -96,6 +99,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_app_then_resume_gives_the_uninterrupted_adapter(tmp_path):
     """`python -m app` dies by SIGKILL mid-run; the next app lists the job as interrupted; Resume ends where a straight run ends."""
     from gradio_client import handle_file
@@ -145,6 +149,7 @@ def test_kill_9_of_the_app_then_resume_gives_the_uninterrupted_adapter(tmp_path)
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
 
 
+@pytest.mark.slow
 def test_a_failing_child_reports_why(tmp_path):
     jobs = JobManager(tmp_path, model="/no/such/model").start()
     job = jobs.submit(make_config("Quick", style_name="nomodel", steps=2), _images())
@@ -181,6 +186,7 @@ def test_records_this_version_cannot_use_are_listed_as_failed_and_left_as_they_a
     assert jobs.submit(make_config("Quick", style_name="next", steps=1), _images()) == "0006"  # 0005's folder is not reused
 
 
+@pytest.mark.slow
 def test_a_job_that_cannot_be_built_or_written_fails_and_the_next_job_runs(tmp_path, monkeypatch):
     """The two faults that used to kill the worker thread for good: a record whose settings this code
     cannot read, and a workspace that refuses a write as a job starts."""

@@ -1,0 +1,370 @@
+"""What the page does: one plain function per action, over a Studio and the page's components.
+
+A handler with several outputs returns `{page.<component>: value}`: Gradio updates those components
+and leaves the others as they are. Handlers that answer the API keep its parameter names and
+docstrings; app/layout.py binds each to the studio and the page (`bind`) and wires it to its event.
+Tests call them directly, in-process, without a server.
+
+Every handler turns a ValueError into gr.Error, so the user sees the message and the app keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+import typing
+
+import gradio as gr
+import pandas as pd
+
+from app.studio import Studio, describe
+from embedded.examples import EXAMPLES
+from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from trainer.config import DEFAULT_CAPTION_TEMPLATE, DEFAULT_PRESET, config_fields
+
+TOP_FIELDS = ("style_name", "trigger", "caption_template")  # shown above the Advanced accordion
+ADVANCED_FIELDS = [f for f in config_fields() if f.name not in TOP_FIELDS]
+PROGRESS_EVERY_S = 0.5  # throttle UI updates from a fast training loop
+LOSS_AVERAGE_STEPS = 20  # the chart's smoothed line: the mean of the last this many steps
+JOB_COLUMNS = ["job", "style", "state", "queue", "step", "checkpoint", "message"]
+STYLE_COLUMNS = ["name", "trigger", "base_model", "family", "created", "rank", "alpha", "steps", "learning_rate"]
+
+
+# -- plumbing ---------------------------------------------------------------------------------------
+def user_errors(fn):
+    """Show ValueError / FileExistsError messages to the user instead of a stack trace."""
+
+    def convert(err):
+        return gr.Error(str(err), print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except (ValueError, FileExistsError) as err:
+                raise convert(err) from None
+
+    else:
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (ValueError, FileExistsError) as err:
+                raise convert(err) from None
+
+    return wrapper
+
+
+def bind(fn, *args):
+    """`fn` with its first arguments given (the studio, the page), as Gradio calls it.
+
+    Gradio names an endpoint's API parameters after the callable's signature, which for a partial is
+    what is left of fn's; the name and docstring are fn's own (no __wrapped__: the signature would
+    then show the bound arguments again).
+    """
+    bound = functools.partial(fn, *args)
+    bound.__name__, bound.__doc__ = fn.__name__, fn.__doc__
+    return bound
+
+
+def field_label(field) -> str:
+    """The label a TrainConfig field goes by in the UI and in its messages: 'learning_rate' -> 'Learning rate'."""
+    return field.name.replace("_", " ").capitalize()
+
+
+def with_advanced_parameters(fn):
+    """Give fn(..., **advanced) a signature naming every advanced field (default None).
+
+    Gradio names API parameters after the function's parameters and makes those with a None
+    default optional, so API clients can pass e.g. steps=50 and leave the rest to the preset.
+    """
+    signature = inspect.signature(fn)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None) for f in ADVANCED_FIELDS]
+    fn.__signature__ = signature.replace(parameters=fixed + extra)
+    return fn
+
+
+def parse_advanced(values: dict) -> dict:
+    """The Advanced controls' text as TrainConfig settings; empty ones are left to the preset."""
+    settings = {}
+    for field in ADVANCED_FIELDS:
+        value = values.get(field.name)
+        if value is None or value == "":
+            continue
+        if typing.get_origin(field.type) is list or str(field.type).startswith("list"):
+            value = [part.strip() for part in str(value).split(",") if part.strip()]
+        elif field.type in (int, "int", float, "float"):
+            value = _number(field, value)
+        settings[field.name] = value
+    return settings
+
+
+def _number(field, value) -> int | float:
+    whole = field.type in (int, "int")
+    try:
+        number = float(str(value).strip())
+        if whole and not number.is_integer():
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{field_label(field)} must be {'a whole number' if whole else 'a number'}, not {value!r}.") from None
+    return int(number) if whole else number
+
+
+def shown_value(field, value):
+    """A saved setting as its Advanced control shows it (lists comma-joined, numbers as text, None empty)."""
+    if value is None:
+        return None if "choices" in field.metadata else ""
+    if isinstance(value, list):
+        return ", ".join(value)
+    return value if "choices" in field.metadata else str(value)
+
+
+def loss_chart(losses: list[float]) -> pd.DataFrame:
+    """Long-form rows (step, loss, series) for the raw per-step loss and its running mean.
+
+    One step's loss depends on its random timestep and noise, so the raw line jumps about; the
+    running mean is the line that shows whether training is going anywhere.
+    """
+    raw = pd.Series(losses, dtype=float)
+    steps = range(1, len(raw) + 1)
+    return pd.concat([
+        pd.DataFrame({"step": steps, "loss": raw, "series": "per step"}),
+        pd.DataFrame({"step": steps, "loss": raw.rolling(LOSS_AVERAGE_STEPS, min_periods=1).mean(),
+                      "series": f"mean of {LOSS_AVERAGE_STEPS}"}),
+    ], ignore_index=True)
+
+
+# -- training ---------------------------------------------------------------------------------------
+def _submit(studio: Studio, files, style_name, trigger, caption_template, preset, advanced: dict) -> str:
+    """Queue a training job from the form's values; returns its id."""
+    paths = [getattr(f, "name", f) for f in (files or [])]
+    settings = dict(
+        style_name=(style_name or "").strip(),
+        trigger=(trigger or "").strip(),
+        caption_template=caption_template or DEFAULT_CAPTION_TEMPLATE,
+        **parse_advanced(advanced),
+    )
+    return studio.submit(paths, preset or DEFAULT_PRESET, **settings)
+
+
+@with_advanced_parameters
+@user_errors
+def submit_training(studio: Studio, page, files, style_name, trigger=None, caption_template=None, preset=None, **advanced):
+    """Queue a training job from uploaded images (files, a zip, .txt captions); returns its job id.
+
+    Every TrainConfig field is an optional keyword (rank, steps, learning_rate, ...): empty uses the preset.
+    """
+    job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced)
+    return {page.job_picker: job_id, page.job_message: f"Queued job {job_id} (position {studio.jobs.position(job_id)})."}
+
+
+@with_advanced_parameters
+@user_errors
+def train_style(studio: Studio, page, files, style_name, trigger=None, caption_template=None, preset=None, **advanced):
+    """Queue a training job and stream its progress (status, loss table, samples) until it ends."""
+    job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced)
+    yield from follow_until_done(studio, page, job_id)
+
+
+def _submit_example(studio: Studio, example, preset) -> tuple[list[str], str, str]:
+    """(files, style name, job id) of a queued example style."""
+    paths, name = studio.example(example)
+    job_id = studio.submit([str(path) for path in paths], preset or DEFAULT_PRESET, style_name=name)
+    return [str(path) for path in paths], name, job_id
+
+
+@user_errors
+def submit_example(studio: Studio, page, example, preset=None):
+    """Queue one of the bundled example styles (no uploads needed); returns (files, style name, job id, message)."""
+    files, name, job_id = _submit_example(studio, example, preset)
+    return {page.files: files, page.style_name: name, page.job_picker: job_id,
+            page.job_message: f"Queued the example style **{name}** as job {job_id}."}
+
+
+@user_errors
+def train_example(studio: Studio, page, example, preset=None):
+    """Train an example style and stream its progress until it ends: (files, style name, status, losses, samples)."""
+    files, name, job_id = _submit_example(studio, example, preset)
+    for update in follow_until_done(studio, page, job_id):
+        yield {page.files: files, page.style_name: name, **update}
+
+
+def example_preview(example) -> list:
+    """Some images of an example style, with their captions."""
+    return [(image, caption) for image, caption in EXAMPLES[example].images(8)] if example in EXAMPLES else []
+
+
+@with_advanced_parameters
+@user_errors
+def save_preset(studio: Studio, page, preset_name, preset=None, **advanced):
+    """Save the preset and the advanced settings that are filled in as workspace/presets/<name>.toml."""
+    path = studio.save_preset((preset_name or "").strip(), preset or DEFAULT_PRESET, **parse_advanced(advanced))
+    return {page.preset_message: f"Saved preset **{path.stem}** ({path.name}; `python -m trainer --config` reads it too).",
+            page.saved_presets: gr.update(choices=studio.preset_names(), value=path.stem)}
+
+
+@user_errors
+def load_preset(studio: Studio, page, preset_name):
+    """The saved preset's built-in preset and advanced settings, to fill the form."""
+    preset, values = studio.load_preset(preset_name)
+    return {page.preset: preset, **{page.advanced[f.name]: shown_value(f, values.get(f.name)) for f in ADVANCED_FIELDS}}
+
+
+# -- jobs -------------------------------------------------------------------------------------------
+def job_view(studio: Studio, page, job_id) -> dict:
+    """A job's status, loss chart and samples, as the Train tab shows them."""
+    record, progress = studio.jobs.get(job_id), studio.jobs.progress(job_id)
+    return {page.status: describe(record, progress, studio.jobs.position(job_id)),
+            page.loss_plot: loss_chart(progress.losses), page.samples: list(progress.samples)}
+
+
+@user_errors
+def follow_job(studio: Studio, page, job_id):
+    """Stream a job's status, loss chart and samples until it is no longer queued or running."""
+    if not job_id:
+        return
+    last_yield = 0.0
+    for record in studio.jobs.follow(job_id):
+        if record.state == "running" and time.monotonic() - last_yield < PROGRESS_EVERY_S:
+            continue
+        last_yield = time.monotonic()
+        yield job_view(studio, page, job_id)
+    yield job_view(studio, page, job_id)
+
+
+def follow_until_done(studio: Studio, page, job_id):
+    """follow_job, then raise the job's message if it did not finish (API clients see the error)."""
+    yield from follow_job(studio, page, job_id)
+    record = studio.jobs.get(job_id)
+    if record.state != "finished":
+        raise gr.Error(f"Job {job_id} {record.state}: {record.message}", print_exception=False)
+
+
+def jobs_table(studio: Studio) -> pd.DataFrame:
+    rows = [
+        [r.id, r.style_name, r.state, studio.jobs.position(r.id) or "", f"{r.step}/{r.total_steps}", r.checkpoint_step or "", r.message]
+        for r in studio.jobs.jobs()
+    ]
+    return pd.DataFrame(rows, columns=JOB_COLUMNS)
+
+
+def list_jobs(studio: Studio) -> list[dict]:
+    """Every training job, newest first: id, style, state, queue position, step, last checkpoint, message."""
+    return jobs_table(studio).to_dict(orient="records")
+
+
+def refresh_jobs(studio: Studio, page, picked, known_ids):
+    """The jobs table, and the picker's choices when the set of jobs changed."""
+    ids = [r.id for r in studio.jobs.jobs()]
+    update = {page.jobs: jobs_table(studio), page.known_job_ids: ids}
+    if known_ids != ids:
+        # With a job picked, new choices only: `picked` is what the picker held when this tick started, and a
+        # job submitted meanwhile has picked itself since; writing the old value back would follow the wrong job.
+        update[page.job_picker] = gr.update(choices=ids) if picked else gr.update(choices=ids, value=ids[0] if ids else None)
+    return update
+
+
+@user_errors
+def cancel_job(studio: Studio, job_id):
+    """Cancel a queued job, or stop a running one (it keeps a checkpoint to resume or keep)."""
+    return studio.jobs.cancel(job_id)
+
+
+@user_errors
+def resume_job(studio: Studio, job_id):
+    """Queue a stopped job again; it continues from its newest checkpoint."""
+    studio.jobs.resume(job_id)
+    return f"Job {job_id} is queued to resume."
+
+
+@user_errors
+def keep_job(studio: Studio, job_id, style_name=None):
+    """Save a stopped job's newest checkpoint as a style (optionally under another name)."""
+    name = studio.jobs.keep(job_id, (style_name or "").strip() or None)
+    return f"Saved the checkpoint of job {job_id} as style **{name}**."
+
+
+@user_errors
+def discard_job(studio: Studio, job_id):
+    """Delete a stopped job's checkpoints and images."""
+    studio.jobs.discard(job_id)
+    return f"Discarded the checkpoints of job {job_id}."
+
+
+# -- generation -------------------------------------------------------------------------------------
+@user_errors
+def generate(studio: Studio, page, prompt, negative_prompt=None, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
+             width=0, height=0, styles=None):
+    """Generate images with styles blended at the given scales, e.g. styles={"ink": 0.8}."""
+    result = studio.generate(
+        prompt,
+        styles=styles or {},
+        negative_prompt=negative_prompt or "",
+        seed=int(seed or 0),
+        steps=int(steps),
+        guidance=float(guidance),
+        width=int(width or 0),
+        height=int(height or 0),
+    )
+    blend = ", ".join(f"{name} {scale:+.2f}" for name, scale in result.active.items()) or "none (base model)"
+    notes = "".join(f"\n\n⚠ {w}" for w in result.warnings)
+    return {page.gallery: [str(p) for p in result.paths], page.info: f"Seed {int(seed or 0)} · styles: {blend}{notes}"}
+
+
+# -- the style library ------------------------------------------------------------------------------
+def list_styles(studio: Studio) -> list[dict]:
+    """Every style in the library with its trigger word and training settings."""
+    return studio.list_styles()
+
+
+@user_errors
+def export_style(studio: Studio, name, layout="kohya"):
+    """Download a style as .safetensors: layout 'kohya' (A1111, ComfyUI, diffusers) or 'diffusers' (diffusers/PEFT)."""
+    return str(studio.export(name, layout))
+
+
+@user_errors
+def import_style(studio: Studio, file, name=""):
+    """Import a LoRA made elsewhere (kohya, diffusers or PEFT .safetensors) as a style; returns a message."""
+    if not file:
+        raise ValueError("Choose a .safetensors LoRA file to import.")
+    imported, notes = studio.import_style(file, name or "")
+    left_out = "".join(f"\n- {note}" for note in notes)
+    return f"Imported **{imported}**." + (f" Left out:{left_out}" if left_out else "")
+
+
+@user_errors
+def delete_style(studio: Studio, name):
+    """Delete a style and its thumbnail from the library."""
+    studio.delete(name)
+    return f"Deleted **{name}**."
+
+
+@user_errors
+def rename_style(studio: Studio, old, new):
+    """Rename a style (its file and thumbnail)."""
+    new = (new or "").strip()
+    studio.rename(old, new)
+    return f"Renamed **{old}** to **{new}**."
+
+
+def refresh_styles(studio: Studio, page, current_blend, known_names):
+    """Re-read the library; update sliders, tables and pickers only when the set of styles changed."""
+    names = studio.library.names()
+    if known_names is not None and list(known_names) == names:
+        return gr.skip()
+    blend = {name: (current_blend or {}).get(name, 0.0) for name in names}
+    infos = studio.library.list()
+    return {
+        page.slider_values: blend,
+        page.known_names: names,
+        page.blend: blend,
+        page.table: pd.DataFrame([info.summary() for info in infos], columns=STYLE_COLUMNS),
+        page.thumbs: [(str(i.thumbnail), f"{i.name} · trigger: {i.trigger}") for i in infos if i.thumbnail],
+        page.picker: gr.update(choices=names, value=names[0] if names else None),
+    }
