@@ -1,4 +1,5 @@
-"""The training engine: ingest images, load a base model, train a LoRA style adapter.
+"""The training engine: ingest images, train a LoRA style adapter (it hands the adapter back), run jobs.
 
-Submodules are imported where needed so that torch-free parts (config, events) stay light.
+trainer.config and trainer.events import no torch (tests/test_layers.py checks), so the UI and the CLI's
+--help read them at once; the rest loads torch where it is imported.
 """

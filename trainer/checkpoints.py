@@ -44,8 +44,8 @@ class TrainingState:
 class CheckpointDir:
     """The checkpoints of one job, newest last.
 
-    >>> checkpoints = CheckpointDir("workspace/jobs/7/checkpoints", keep=3)  # doctest: +SKIP
-    >>> state = checkpoints.load_latest()                                    # doctest: +SKIP
+    >>> checkpoints = CheckpointDir("workspace/jobs/0007/checkpoints", keep=3)  # doctest: +SKIP
+    >>> state, notes = checkpoints.load_latest()                               # doctest: +SKIP
     """
 
     def __init__(self, folder: str | Path, keep: int = 3):
