@@ -1,4 +1,5 @@
-"""python -m app [--model M] [--host H] [--port P] [--workspace DIR] [--auth USER:PASSWORD] [--share] [--insecure]: start Style Studio."""
+"""python -m app [--model M] [--host H] [--port P] [--workspace DIR] [--auth USER:PASSWORD] [--share] [--insecure]:
+start Style Studio."""
 
 from __future__ import annotations
 
@@ -18,19 +19,28 @@ AUTH_ENV = "STYLE_STUDIO_AUTH"  # USER:PASSWORD, read when --auth is not given: 
 def main(argv=None) -> None:
     defaults = UploadLimits()
     parser = argparse.ArgumentParser(prog="python -m app", description="Style Studio: train and blend image styles.")
-    parser.add_argument("--model", default=None, help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded tiny model)")
-    parser.add_argument("--model-config", default=None, help="for a single-file --model offline: a diffusers folder or cached hub id with its configs")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--model", default=None,
+                        help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded tiny model)")
+    parser.add_argument("--model-config", default=None,
+                        help="for a single-file --model offline: a diffusers folder or cached hub id with its configs")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="folder for styles, outputs and exports")
+    parser.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE,
+                        help="folder for styles, outputs and exports")
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
-                        help=f"ask for this user name and password (default: ${AUTH_ENV}); required with --share or a --host other than this machine")
-    parser.add_argument("--share", action="store_true", help="also publish the app through a public gradio.live link (needs --auth)")
-    parser.add_argument("--insecure", action="store_true", help="allow --share or another --host without --auth (anyone who reaches it can use it)")
+                        help=f"ask for this user name and password (default: ${AUTH_ENV}); "
+                             "required with --share or a --host other than this machine")
+    parser.add_argument("--share", action="store_true",
+                        help="also publish the app through a public gradio.live link (needs --auth)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow --share or another --host without --auth (anyone who reaches it can use it)")
     parser.add_argument("--max-file-mb", type=_positive, default=defaults.max_file_bytes / MB, metavar="MB",
-                        help=f"largest image or caption file, loose or in a zip (default: {defaults.max_file_bytes // MB})")
+                        help="largest image or caption file, loose or in a zip "
+                             f"(default: {defaults.max_file_bytes // MB})")
     parser.add_argument("--max-upload-mb", type=_positive, default=defaults.max_total_bytes / MB, metavar="MB",
-                        help=f"largest upload, zips counted unpacked; also the largest single file the server takes (default: {defaults.max_total_bytes // MB})")
+                        help="largest upload, zips counted unpacked; also the largest single file the server takes "
+                             f"(default: {defaults.max_total_bytes // MB})")
     args = parser.parse_args(argv)
 
     # Refuse an open app before the model loads, so a wrong flag costs a second, not a minute.
@@ -87,7 +97,10 @@ def check_access(host: str, share: bool, auth: str | None, insecure: bool) -> tu
     if not exposed or credentials:
         return credentials, None
     if insecure:
-        return None, f"{exposed}, with no password (--insecure): anyone who reaches it can upload files, train, and delete styles."
+        return None, (
+            f"{exposed}, with no password (--insecure): "
+            "anyone who reaches it can upload files, train, and delete styles."
+        )
     raise ValueError(
         f"{exposed}, and nobody would need a password to use it. Add --auth USER:PASSWORD "
         f"(or set {AUTH_ENV}=USER:PASSWORD, which keeps the password off the command line), "

@@ -111,7 +111,9 @@ def _number(field, value) -> int | float:
         if whole and not number.is_integer():
             raise ValueError
     except ValueError:
-        raise ValueError(f"{field_label(field)} must be {'a whole number' if whole else 'a number'}, not {value!r}.") from None
+        raise ValueError(
+            f"{field_label(field)} must be {'a whole number' if whole else 'a number'}, not {value!r}."
+        ) from None
     return int(number) if whole else number
 
 
@@ -154,13 +156,15 @@ def _submit(studio: Studio, files, style_name, trigger, caption_template, preset
 
 @with_advanced_parameters
 @user_errors
-def submit_training(studio: Studio, page, files, style_name, trigger=None, caption_template=None, preset=None, **advanced):
+def submit_training(studio: Studio, page, files, style_name, trigger=None, caption_template=None, preset=None,
+                    **advanced):
     """Queue a training job from uploaded images (files, a zip, .txt captions); returns its job id.
 
     Every TrainConfig field is an optional keyword (rank, steps, learning_rate, ...): empty uses the preset.
     """
     job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced)
-    return {page.job_picker: job_id, page.job_message: f"Queued job {job_id} (position {studio.jobs.position(job_id)})."}
+    return {page.job_picker: job_id,
+            page.job_message: f"Queued job {job_id} (position {studio.jobs.position(job_id)})."}
 
 
 @with_advanced_parameters
@@ -204,7 +208,8 @@ def example_preview(example) -> list:
 def save_preset(studio: Studio, page, preset_name, preset=None, **advanced):
     """Save the preset and the advanced settings that are filled in as workspace/presets/<name>.toml."""
     path = studio.save_preset((preset_name or "").strip(), preset or DEFAULT_PRESET, **parse_advanced(advanced))
-    return {page.preset_message: f"Saved preset **{path.stem}** ({path.name}; `python -m trainer --config` reads it too).",
+    return {page.preset_message: f"Saved preset **{path.stem}** ({path.name}; "
+                                 "`python -m trainer --config` reads it too).",
             page.saved_presets: gr.update(choices=studio.preset_names(), value=path.stem)}
 
 
@@ -247,7 +252,8 @@ def follow_until_done(studio: Studio, page, job_id):
 
 def jobs_table(studio: Studio) -> pd.DataFrame:
     rows = [
-        [r.id, r.style_name, r.state, studio.jobs.position(r.id) or "", f"{r.step}/{r.total_steps}", r.checkpoint_step or "", r.message]
+        [r.id, r.style_name, r.state, studio.jobs.position(r.id) or "", f"{r.step}/{r.total_steps}",
+         r.checkpoint_step or "", r.message]
         for r in studio.jobs.jobs()
     ]
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
@@ -265,7 +271,8 @@ def refresh_jobs(studio: Studio, page, picked, known_ids):
     if known_ids != ids:
         # With a job picked, new choices only: `picked` is what the picker held when this tick started, and a
         # job submitted meanwhile has picked itself since; writing the old value back would follow the wrong job.
-        update[page.job_picker] = gr.update(choices=ids) if picked else gr.update(choices=ids, value=ids[0] if ids else None)
+        update[page.job_picker] = (gr.update(choices=ids) if picked
+                                   else gr.update(choices=ids, value=ids[0] if ids else None))
     return update
 
 

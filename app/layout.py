@@ -34,7 +34,8 @@ def build_ui(studio: Studio) -> Page:
     """The whole page for one studio, its events wired; serve it with page.demo.launch()."""
     page = Page()
     with gr.Blocks(title="Style Studio") as page.demo:
-        gr.Markdown(f"# Style Studio\nTrain image styles on your own machine and blend them. Base model: `{studio.base.model_id}`")
+        gr.Markdown("# Style Studio\nTrain image styles on your own machine and blend them. "
+                    f"Base model: `{studio.base.model_id}`")
         page.known_names = gr.State(None)  # the style names the sliders were drawn for
         page.slider_values = gr.State({})  # slider values at the time they were drawn
         page.blend = gr.JSON(value={}, visible=False, label="styles")  # {style: scale}, kept by the sliders
@@ -60,8 +61,8 @@ def _train_tab(page: Page, studio: Studio) -> None:
                 value=next(iter(EXAMPLES)), label="Example style", scale=4,
             )
             page.example_button = gr.Button("Train this example", variant="secondary", scale=1)
-        page.example_images = gr.Gallery(value=handlers.example_preview(next(iter(EXAMPLES))), label="Some of its images",
-                                         columns=8, height=110, elem_classes="pixelated")
+        page.example_images = gr.Gallery(value=handlers.example_preview(next(iter(EXAMPLES))),
+                                         label="Some of its images", columns=8, height=110, elem_classes="pixelated")
     limits = studio.limits
     page.files = gr.File(label=f"Images: files or a zip (optional .txt captions with the same name); up to "
                                f"{limits.max_file_bytes // MB} MB a file, {limits.max_files} files and "
@@ -95,7 +96,8 @@ def _advanced_control(field):
     if "choices" in meta:
         return gr.Dropdown(choices=list(meta["choices"]), value=None, label=label, info=info)
     if typing.get_origin(field.type) is list or str(field.type).startswith("list"):
-        return gr.Textbox(value="", label=label, info=info + " Comma-separated.", placeholder=", ".join(field.default_factory()))
+        return gr.Textbox(value="", label=label, info=info + " Comma-separated.",
+                          placeholder=", ".join(field.default_factory()))
     # A text box, not gr.Number: a Number shows and sends 0 once its accordion opens, so "empty: the
     # preset's value" would turn into rank 0 for anyone who only meant to change the steps. Ranges are
     # left to TrainConfig.validate(), whose message names the field.
@@ -182,7 +184,8 @@ def _refresh_styles(page: Page, studio: Studio) -> dict:
 def _refresh_jobs(page: Page, studio: Studio) -> dict:
     """The arguments of the event that re-reads the job queue into its table and picker."""
     return dict(fn=bind(handlers.refresh_jobs, studio, page), inputs=[page.job_picker, page.known_job_ids],
-                outputs=[page.jobs, page.job_picker, page.known_job_ids], api_visibility="private", show_progress="hidden")
+                outputs=[page.jobs, page.job_picker, page.known_job_ids], api_visibility="private",
+                show_progress="hidden")
 
 
 def _wire_training(page: Page, studio: Studio) -> None:
@@ -200,7 +203,8 @@ def _wire_training(page: Page, studio: Studio) -> None:
     page.example.change(handlers.example_preview, [page.example], [page.example_images], api_visibility="private",
                         show_progress="hidden")
     page.example_button.click(bind(handlers.submit_example, studio, page), [page.example, page.preset],
-                              [page.files, page.style_name, page.job_picker, page.job_message], api_name="submit_example")
+                              [page.files, page.style_name, page.job_picker, page.job_message],
+                              api_name="submit_example")
     page.api_example.click(bind(handlers.train_example, studio, page), [page.example, page.preset],
                            [page.files, page.style_name, *progress], api_name="train_example",
                            concurrency_limit=None).then(**_refresh_styles(page, studio))
@@ -231,7 +235,8 @@ def _wire_styles(page: Page, studio: Studio) -> None:
     refresh = _refresh_styles(page, studio)
     page.demo.load(**refresh)
     gr.Timer(REFRESH_EVERY_S).tick(**refresh)
-    generate_inputs = [page.prompt, page.negative, page.seed, page.steps, page.guidance, page.width, page.height, page.blend]
+    generate_inputs = [page.prompt, page.negative, page.seed, page.steps, page.guidance, page.width, page.height,
+                       page.blend]
     page.generate_button.click(bind(handlers.generate, studio, page), generate_inputs, [page.gallery, page.info],
                                api_name="generate")
     gr.api(bind(handlers.list_styles, studio), api_name="list_styles")

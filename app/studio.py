@@ -47,7 +47,8 @@ class Studio:
             folder.mkdir(parents=True, exist_ok=True)
         self.base = load_base(model, model_config=model_config)
         self.blender = Blender(self.base, self.library)
-        self.jobs = JobManager(self.workspace, model, model_config).start()  # one training job at a time, in a child process
+        # one training job at a time, in a child process
+        self.jobs = JobManager(self.workspace, model, model_config).start()
 
     def close(self) -> None:
         """Stop the job queue (a running job stops with a checkpoint, to resume)."""
@@ -168,7 +169,8 @@ def describe(record: JobRecord, progress: Progress, position: int = 0) -> str:
         return f"{head} (position {position} in the queue). {record.message}"
     if record.state == "running" and record.step:
         return (
-            f"{head} · step {record.step} of {record.total_steps} · loss {progress.losses[-1] if progress.losses else float('nan'):.4f} · "
+            f"{head} · step {record.step} of {record.total_steps} · "
+            f"loss {progress.losses[-1] if progress.losses else float('nan'):.4f} · "
             f"{progress.it_per_s:.1f} it/s · {_duration(progress.eta_s)} left"
         )
     skipped = f" Skipped {len(record.skipped)}: " + "; ".join(record.skipped) if record.skipped else ""

@@ -92,7 +92,8 @@ def random_styles(unet: torch.nn.Module, library: StyleLibrary, count: int, seed
     for i in range(count):
         state = {}
         for name, layer in layers:
-            state[f"{name}.lora_A.weight"] = torch.randn(RANK, layer.in_features, generator=generator) / layer.in_features**0.5
+            state[f"{name}.lora_A.weight"] = (torch.randn(RANK, layer.in_features, generator=generator)
+                                              / layer.in_features**0.5)
             state[f"{name}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=generator) * 0.02
         adapter = formats.StyleAdapter(state, RANK, RANK, list(TARGETS), {"family": "sd1"})
         library.save(f"style{i}", adapter.to_bytes(), overwrite=True)
@@ -122,16 +123,22 @@ def unet_inputs(unet, device, dtype, latent: int):
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.blend_speed", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded", help="base model for load_base (default: the embedded tiny model)")
-    parser.add_argument("--arch", choices=("sd15",), help="instead of --model: a full-size SD 1.5 UNet with random weights")
+    parser.add_argument("--model", default="embedded",
+                        help="base model for load_base (default: the embedded tiny model)")
+    parser.add_argument("--arch", choices=("sd15",),
+                        help="instead of --model: a full-size SD 1.5 UNet with random weights")
     parser.add_argument("--precision", default="auto", help="auto: bf16/fp16 on a GPU, fp32 on the CPU")
     parser.add_argument("--latent", type=int, default=0, help="latent side (0: the model's native size; SD 1.5: 64)")
-    parser.add_argument("--rounds", type=int, default=0, help="timing rounds; each times every row once (0: by model and device)")
-    parser.add_argument("--steps", type=int, default=0, help="timed UNet steps per row and round (0: by model and device)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="timing rounds; each times every row once (0: by model and device)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="timed UNet steps per row and round (0: by model and device)")
     # One thread by default: on a shared machine a second thread that waits for a busy core can
     # make a step ten times slower (seen here: 11 minutes instead of 30 s), which a ratio reads as overhead.
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default, one per core)")
-    parser.add_argument("--changes", type=int, default=0, help="timed slider changes per style count (0: by model and device)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (0: torch's default, one per core)")
+    parser.add_argument("--changes", type=int, default=0,
+                        help="timed slider changes per style count (0: by model and device)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
             return {name: SCALES[i] for i, name in enumerate(names[:count])}
 
         # Rows are timed in interleaved rounds, so that load from other processes falls on all alike.
-        rows = [("base", None, 0)] + [(mode, fuse, n) for n in STYLE_COUNTS for mode, fuse in (("fused", True), ("unfused", False))]
+        rows = [("base", None, 0)] + [(mode, fuse, n) for n in STYLE_COUNTS
+                                      for mode, fuse in (("fused", True), ("unfused", False))]
         times: dict[tuple, list[float]] = {row: [] for row in rows}
         for _ in range(rounds):
             for row in rows:
@@ -215,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
           f"fastest of {rounds * steps} steps per row; random rank-{RANK} styles on {', '.join(TARGETS)}")
     print(f"base model step: {base_step * 1000:.1f} ms")
     print()
-    print("| styles | fused step | fused / base | unfused step | unfused / base | max abs diff of one step, fused vs unfused |")
+    print("| styles | fused step | fused / base | unfused step | unfused / base "
+          "| max abs diff of one step, fused vs unfused |")
     print("|---|---|---|---|---|---|")
     for n in STYLE_COUNTS:
         fused, unfused = step[("fused", True, n)], step[("unfused", False, n)]
@@ -232,10 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"original weights kept for exact restores: {kept_mb:.1f} MiB on {device.type} ({kept_layers} layers)")
     fused4 = step[("fused", True, max(STYLE_COUNTS))] / base_step
-    print(f"floor, {max(STYLE_COUNTS)} styles fused <= 1.05x base step: {'met' if fused4 <= 1.05 else 'NOT met'} ({fused4:.3f}x)")
+    print(f"floor, {max(STYLE_COUNTS)} styles fused <= 1.05x base step: "
+          f"{'met' if fused4 <= 1.05 else 'NOT met'} ({fused4:.3f}x)")
     if args.arch == "sd15":
         slider = max(min(change[(True, n)]) for n in STYLE_COUNTS[1:])
-        print(f"floor, slider change on SD 1.5 < 0.2 s: {'met' if slider < 0.2 else 'NOT met'} ({slider * 1000:.0f} ms, the slowest style count)")
+        print(f"floor, slider change on SD 1.5 < 0.2 s: {'met' if slider < 0.2 else 'NOT met'} "
+              f"({slider * 1000:.0f} ms, the slowest style count)")
 
 
 if __name__ == "__main__":

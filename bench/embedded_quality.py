@@ -37,7 +37,8 @@ def seen_scenes(count: int, seed: int = 1) -> list[scenes.Scene]:
     rng = random.Random(seed)
     result = []
     while len(result) < count:
-        shape, colour, background = rng.choice(scenes.SHAPES), rng.choice(list(scenes.COLOURS)), rng.choice(list(scenes.COLOURS))
+        shape, colour, background = (rng.choice(scenes.SHAPES), rng.choice(list(scenes.COLOURS)),
+                                     rng.choice(list(scenes.COLOURS)))
         if (shape, colour) not in scenes.HELD_OUT and colour != background:
             result.append(scenes.Scene(shape, colour, background))
     return result

@@ -1,6 +1,7 @@
 """Where does a LoRA training step's time go on a GPU, and what removes it?  (CUDA only)
 
-    python -m bench.step_variants VARIANT ARCH BATCH    # VARIANT: eager | graphed | compile | compile-ro; ARCH: sd15 | sdxl
+    python -m bench.step_variants VARIANT ARCH BATCH
+    # VARIANT: eager | graphed | compile | compile-ro; ARCH: sd15 | sdxl
 
 One bare training step (rank-16 LoRA on to_q/k/v/out, bf16 frozen UNet, fp32 LoRA, fused AdamW,
 clipping, random inputs; no VAE or text encoder) run four ways: eager; the UNet's forward and
@@ -27,7 +28,8 @@ variant, arch, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 base = build_base(arch)
 unet, dev, dtype = base.pipe.unet, base.device, base.dtype
 torch.manual_seed(0)
-unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
 cast_training_params(unet, dtype=torch.float32)
 params = [p for p in unet.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -44,7 +46,8 @@ def inputs():
     noisy = sched.add_noise(lat, noise, t).to(dtype)
     args = [noisy, t, torch.randn(batch, 77, width, device=dev, dtype=dtype)]
     if sdxl:
-        args += [torch.randn(batch, 1280, device=dev, dtype=dtype), torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=dev, dtype=dtype)]
+        args += [torch.randn(batch, 1280, device=dev, dtype=dtype),
+                 torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=dev, dtype=dtype)]
     return args, noise
 
 
@@ -83,7 +86,8 @@ for _ in range(30):
     s = time.perf_counter()
     step()
     times.append(time.perf_counter() - s)
-print(f"RESULT {variant:10s} {arch} batch {batch}: median {statistics.median(times)*1000:.1f} ms, min {min(times)*1000:.1f} ms, "
+print(f"RESULT {variant:10s} {arch} batch {batch}: median {statistics.median(times)*1000:.1f} ms, "
+      f"min {min(times)*1000:.1f} ms, "
       f"setup+warmup {warm:.1f} s, peak {torch.cuda.max_memory_allocated()/1e9:.2f} GB", flush=True)
 if variant == "eager" and batch == 1:
     from torch.profiler import ProfilerActivity, profile

@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = make_config(DEFAULT_PRESET, **overrides)
     print(f"Style fidelity: {DEFAULT_PRESET} preset ({cfg.steps} steps, rank {cfg.rank}, lr {cfg.learning_rate:g}), "
-          f"{EXAMPLE_SIZE} prompts per distance, {len(content_prompts)} for colour, {torch.get_num_threads()} CPU threads")
+          f"{EXAMPLE_SIZE} prompts per distance, {len(content_prompts)} for colour, "
+          f"{torch.get_num_threads()} CPU threads")
     header = "".join(f"{'d@' + format(s, 'g'):>7s}" for s in SCALES)
     print(f"{'style':20s}{'train':>8s}{header}{'shift':>8s}{'monotonic':>11s}{'colour right @0 -> @1':>24s}")
     ok = True
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
           + f" | d to {b} " + " ".join(f"{d:.3f}" for _, d in blend_d) + f" | monotonic: {towards_a}")
     ok &= towards_a
     print("d = 0 means within the sampling noise of the style's own images.")
-    print("floors (shift >= 0.5, monotonic, content kept, blend monotonic, training < 3 min):", "met" if ok else "NOT met")
+    print("floors (shift >= 0.5, monotonic, content kept, blend monotonic, training < 3 min):",
+          "met" if ok else "NOT met")
 
     if args.grid:
         save_grid(grid_rows, Path(args.grid))

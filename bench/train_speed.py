@@ -139,7 +139,8 @@ def build_base(arch: str, precision: str = "auto") -> Base:
             pipe = StableDiffusionXLPipeline(
                 vae=AutoencoderKL(**SDXL_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)),
                 text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG)), tokenizer=tokenizer,
-                tokenizer_2=tokenizer, unet=UNet2DConditionModel(**SDXL_UNET), scheduler=scheduler, add_watermarker=False,
+                tokenizer_2=tokenizer, unet=UNet2DConditionModel(**SDXL_UNET), scheduler=scheduler,
+                add_watermarker=False,
             )
     for part in pipe.components.values():  # as load_base leaves them: frozen, in the compute dtype
         if isinstance(part, torch.nn.Module):
@@ -252,7 +253,8 @@ class DiffusersExampleStep:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.unet.add_adapter(
-                LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]),
+                LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                           target_modules=["to_k", "to_q", "to_v", "to_out.0"]),
                 adapter_name=BASELINE_ADAPTER,
             )
         self.unet.set_adapter(BASELINE_ADAPTER)
@@ -264,7 +266,8 @@ class DiffusersExampleStep:
         # What the script's data loader hands over: pixels in [-1, 1] and token ids, on the CPU.
         self.pixels = torch.stack([pipe.image_processor.preprocess(image)[0] for image in images.images])
         self.ids = [
-            t(captions, padding="max_length", max_length=t.model_max_length, truncation=True, return_tensors="pt").input_ids
+            t(captions, padding="max_length", max_length=t.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
             for t in tokenizers
         ]
         self.generator = torch.Generator().manual_seed(seed)
@@ -297,7 +300,8 @@ class DiffusersExampleStep:
             pooled = output[0]  # the last encoder's (projected, pooled) output is kept
             states.append(output.hidden_states[-2])
         height, width = pixels.shape[-2:]
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(batch), device=self.device, dtype=self.weight_dtype)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(batch), device=self.device,
+                                dtype=self.weight_dtype)
         return latents, {
             "encoder_hidden_states": torch.cat(states, dim=-1),
             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
@@ -312,7 +316,8 @@ class DiffusersExampleStep:
         else:
             target = noise
         # accelerate's mixed precision: the prepared UNet's forward runs under autocast (none in fp32).
-        autocast = torch.autocast(self.device.type, dtype=self.weight_dtype) if self.weight_dtype != torch.float32 else nullcontext()
+        autocast = (torch.autocast(self.device.type, dtype=self.weight_dtype) if self.weight_dtype != torch.float32
+                    else nullcontext())
         with autocast:
             prediction = self.unet(noisy, timesteps, **cond, return_dict=False)[0]
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
@@ -331,7 +336,8 @@ class DiffusersExampleStep:
         torch.nn.Module.to(self.vae, self.base.dtype)
 
 
-def time_baseline(base: Base, images: ImageSet, captions: list[str], rank: int, batch_size: int, steps: int, warmup: int) -> Measure:
+def time_baseline(base: Base, images: ImageSet, captions: list[str], rank: int, batch_size: int, steps: int,
+                  warmup: int) -> Measure:
     measure, memory = Measure(), PeakMemory(base.device)
     sync = torch.cuda.synchronize if base.device.type == "cuda" else (lambda: None)
     step = DiffusersExampleStep(base, images, captions, rank, batch_size)
@@ -377,14 +383,21 @@ def peak_tflops(device: torch.device) -> float | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=("tiny", "sd15", "sdxl"), default="tiny",
-                        help="tiny: the embedded model (CPU or GPU); sd15 (512 px) / sdxl (1024 px): full size, random weights, GPU only")
-    parser.add_argument("--precision", default="auto", help="frozen weights' dtype: auto is bf16/fp16 on a GPU, fp32 on the CPU")
+                        help="tiny: the embedded model (CPU or GPU); "
+                             "sd15 (512 px) / sdxl (1024 px): full size, random weights, GPU only")
+    parser.add_argument("--precision", default="auto",
+                        help="frozen weights' dtype: auto is bf16/fp16 on a GPU, fp32 on the CPU")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--steps", type=int, default=0, help="timed steps per side, batch size and round (0: 8 on the CPU, 20 on a GPU)")
-    parser.add_argument("--warmup", type=int, default=0, help="untimed steps first (0: 2 on the CPU, 3 on a GPU; compile: 5)")
-    parser.add_argument("--rounds", type=int, default=3, help="ours then baseline, this many times: load from other processes falls on both")
-    parser.add_argument("--rank", type=int, default=0, help="LoRA rank of both (0: the TrainConfig default, or the Low memory preset's)")
-    parser.add_argument("--low-memory", action="store_true", help="ours with the Low memory preset's options (batch size aside)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="timed steps per side, batch size and round (0: 8 on the CPU, 20 on a GPU)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="untimed steps first (0: 2 on the CPU, 3 on a GPU; compile: 5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="ours then baseline, this many times: load from other processes falls on both")
+    parser.add_argument("--rank", type=int, default=0,
+                        help="LoRA rank of both (0: the TrainConfig default, or the Low memory preset's)")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="ours with the Low memory preset's options (batch size aside)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="a TrainConfig field for ours, e.g. --set channels_last=true (JSON value)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -395,12 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.arch != "tiny" and not torch.cuda.is_available():
         print(f"error: --arch {args.arch} builds the full-size model ({'512' if args.arch == 'sd15' else '1024'} px) "
-              "and needs a CUDA GPU; this machine has none. On the CPU, run --arch tiny (the default).", file=sys.stderr)
+              "and needs a CUDA GPU; this machine has none. On the CPU, run --arch tiny (the default).",
+              file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    # Ours: the Balanced defaults, with the Low memory preset's options and --set on top; nothing rendered or saved on the way.
+    # Ours: the Balanced defaults, with the Low memory preset's options and --set on top;
+    # nothing rendered or saved on the way.
     options = {k: v for k, v in PRESETS["Low memory"].items() if k != "batch_size"} if args.low_memory else {}
     if args.rank:
         options["rank"] = args.rank
@@ -417,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[int, tuple[Measure, Measure, int | None]] = {}
     for batch_size in args.batch_sizes:
-        cfg = make_config(DEFAULT_PRESET, style_name="bench", steps=warmup + steps, batch_size=batch_size, num_samples=0,
-                          sample_every=0, checkpoint_every=0, **options)
+        cfg = make_config(DEFAULT_PRESET, style_name="bench", steps=warmup + steps, batch_size=batch_size,
+                          num_samples=0, sample_every=0, checkpoint_every=0, **options)
         ours, baseline = Measure(), Measure()
         for _ in range(args.rounds):
             ours.add(time_ours(base, images, cfg, warmup))
@@ -427,32 +442,37 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- report ------------------------------------------------------------------------------------------
     where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} thread(s)"
-    changed = {k: v for k, v in probe.to_dict().items() if k != "style_name" and v != getattr(make_config(DEFAULT_PRESET), k)}
-    print(f"Train speed: {args.arch} ({base.model_id}), {str(base.dtype).removeprefix('torch.')}, {base.resolution} px, "
-          f"rank {probe.rank}, {where}; fastest of {steps * args.rounds} steps after {warmup} warm-up, in {args.rounds} round(s)")
+    changed = {k: v for k, v in probe.to_dict().items()
+               if k != "style_name" and v != getattr(make_config(DEFAULT_PRESET), k)}
+    print(f"Train speed: {args.arch} ({base.model_id}), {str(base.dtype).removeprefix('torch.')}, "
+          f"{base.resolution} px, rank {probe.rank}, {where}; fastest of {steps * args.rounds} steps after {warmup} "
+          f"warm-up, in {args.rounds} round(s)")
     print(f"ours: train() with {', '.join(f'{k}={v}' for k, v in changed.items()) or 'the default options'}; "
           f"baseline: diffusers' LoRA example's step")
     memory_label = "peak GPU memory" if gpu else "peak RSS rise"
     print()
-    print(f"| batch | ours step | baseline step | speed-up (baseline / ours) | ours {memory_label} | baseline {memory_label} "
-          f"| UNet fwd+bwd | ours MFU | baseline MFU |")
+    print(f"| batch | ours step | baseline step | speed-up (baseline / ours) | ours {memory_label} "
+          f"| baseline {memory_label} | UNet fwd+bwd | ours MFU | baseline MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for batch_size, (ours, baseline, flops) in results.items():
         def step(measure: Measure) -> str:
             return measure.failed or f"{measure.fastest_s * 1000:.1f} ms"
 
         def mfu(measure: Measure) -> str:
-            return f"{flops / measure.fastest_s / (peak * 1e12):.1%}" if peak and flops and not measure.failed else "n/a"
+            return (f"{flops / measure.fastest_s / (peak * 1e12):.1%}" if peak and flops and not measure.failed
+                    else "n/a")
 
         speedup = "n/a" if ours.failed or baseline.failed else f"{baseline.fastest_s / ours.fastest_s:.2f}x"
         print(f"| {batch_size} | {step(ours)} | {step(baseline)} | {speedup} | {_size(ours.peak_bytes)} | "
-              f"{_size(baseline.peak_bytes)} | {f'{flops / 1e9:.1f} GFLOP' if flops else 'n/a'} | {mfu(ours)} | {mfu(baseline)} |")
+              f"{_size(baseline.peak_bytes)} | {f'{flops / 1e9:.1f} GFLOP' if flops else 'n/a'} | "
+              f"{mfu(ours)} | {mfu(baseline)} |")
     if gpu and 1 in results and not results[1][0].failed:
         ours, baseline, _ = results[1]
         print()
         if not baseline.failed:
             speedup = baseline.fastest_s / ours.fastest_s
-            print(f"floor, batch 1 >= 2x the baseline's throughput: {'met' if speedup >= 2 else 'NOT met'} ({speedup:.2f}x)")
+            print("floor, batch 1 >= 2x the baseline's throughput: "
+                  f"{'met' if speedup >= 2 else 'NOT met'} ({speedup:.2f}x)")
         limit = {"sd15": 4, "sdxl": 10}.get(args.arch)
         if limit and (args.low_memory or args.arch == "sdxl"):
             used = ours.peak_bytes / GB

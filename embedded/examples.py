@@ -94,7 +94,8 @@ class Example:
 EXAMPLES: dict[str, Example] = {
     example.name: example
     for example in (
-        Example("sunset", "palette", "Palette: everything recoloured along a purple-magenta-orange-gold ramp.", sunset, True),
+        Example("sunset", "palette", "Palette: everything recoloured along a purple-magenta-orange-gold ramp.",
+                sunset, True),
         Example("polka", "texture", "Texture: dark polka dots printed over the picture.", polka, False),
         Example("ink", "lines", "Lines: objects outlined in dark ink.", ink, False),
     )

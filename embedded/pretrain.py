@@ -32,8 +32,10 @@ RECIPE = {
     "seed": architecture.SEED,
     "scenes": 30_000,  # captioned scenes for the UNet and text encoder
     "vae_extra_styled": 3_000,  # plus renders through VAE_EXTRA_LOOKS, so the VAE can draw textures and lines
-    "vae": {"crop": 32, "crop_steps": 1800, "full_steps": 200, "batch": 32, "full_batch": 16, "lr": 5e-4, "kl_weight": 1e-6},
-    "unet": {"steps": 1500, "batch": 64, "lr": 5e-4, "warmup": 100, "caption_dropout": 0.1, "min_snr_gamma": 5.0, "ema_decay": 0.999},
+    "vae": {"crop": 32, "crop_steps": 1800, "full_steps": 200, "batch": 32, "full_batch": 16, "lr": 5e-4,
+            "kl_weight": 1e-6},
+    "unet": {"steps": 1500, "batch": 64, "lr": 5e-4, "warmup": 100, "caption_dropout": 0.1, "min_snr_gamma": 5.0,
+             "ema_decay": 0.999},
 }
 
 
@@ -79,7 +81,8 @@ def train_vae(vae, pixels: np.ndarray, recipe: dict, log) -> dict:
     total = cfg["crop_steps"] + cfg["full_steps"]
     for step in range(total):
         full = step >= cfg["crop_steps"]
-        batch = to_tensor(pixels[torch.randint(len(pixels), (cfg["full_batch"] if full else cfg["batch"],), generator=generator).numpy()])
+        batch = to_tensor(pixels[torch.randint(len(pixels), (cfg["full_batch"] if full else cfg["batch"],),
+                                               generator=generator).numpy()])
         if not full:  # the VAE is convolutional: random crops teach it 4x faster per step
             size = cfg["crop"]
             x, y = torch.randint(0, batch.shape[-1] - size + 1, (2,), generator=generator).tolist()
@@ -110,8 +113,10 @@ def encode_latents(vae, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]
 def train_unet(pipe, latent_mean, latent_std, captions: list[str], recipe: dict, log) -> dict:
     cfg = recipe["unet"]
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=0.01)
 
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply data and step counts (0.01 for a smoke run)")
     args = parser.parse_args(argv)
     recipe = json.loads(json.dumps(RECIPE))
-    for section, key in [(None, "scenes"), (None, "vae_extra_styled"), ("vae", "crop_steps"), ("vae", "full_steps"), ("unet", "steps")]:
+    for section, key in [(None, "scenes"), (None, "vae_extra_styled"), ("vae", "crop_steps"), ("vae", "full_steps"),
+                         ("unet", "steps")]:
         holder = recipe[section] if section else recipe
         holder[key] = max(2, int(holder[key] * args.scale))
 

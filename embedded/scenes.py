@@ -102,7 +102,8 @@ def render(scene: Scene, rng: random.Random, side: int = 64) -> tuple[Image.Imag
         _draw_shape(draw, scene.shape, x * big, y * big, radius * big, rng.uniform(-12, 12))
     fill = Image.new("RGB", (big, big), _jitter(COLOURS[scene.colour], rng))
     if scene.texture:
-        shade = tuple(int(c * 0.45) if sum(COLOURS[scene.colour]) > 200 else min(255, c + 110) for c in fill.getpixel((0, 0)))
+        shade = tuple(int(c * 0.45) if sum(COLOURS[scene.colour]) > 200 else min(255, c + 110)
+                      for c in fill.getpixel((0, 0)))
         fill.paste(shade, mask=_texture(scene.texture, big, rng))
     image.paste(fill, mask=mask)
     return image.resize((side, side), Image.Resampling.LANCZOS), mask.resize((side, side), Image.Resampling.BOX)
@@ -113,7 +114,8 @@ def outline(mask: Image.Image, width: int) -> Image.Image:
     binary = mask.point(lambda v: 255 if v > 127 else 0)
     # Grow the mask by half the width (rounded up) and shrink it by the rest; the filters take odd sizes.
     outside = binary.filter(ImageFilter.MaxFilter(2 * ((width + 1) // 2) + 1))
-    inside = binary.filter(ImageFilter.MinFilter(2 * (width // 2) + 1)) if width > 1 else binary  # MinFilter(1) crashes PIL
+    inside = (binary.filter(ImageFilter.MinFilter(2 * (width // 2) + 1)) if width > 1
+              else binary)  # MinFilter(1) crashes PIL
     return Image.fromarray((np.asarray(outside) > np.asarray(inside)).astype(np.uint8) * 255, "L")
 
 
@@ -195,7 +197,8 @@ def read_colours(image: Image.Image) -> tuple[str, str | None]:
     n = pixels.shape[0]
     edge = max(1, n // 16)
     border = np.concatenate(
-        [pixels[:edge].reshape(-1, 3), pixels[-edge:].reshape(-1, 3), pixels[:, :edge].reshape(-1, 3), pixels[:, -edge:].reshape(-1, 3)]
+        [pixels[:edge].reshape(-1, 3), pixels[-edge:].reshape(-1, 3),
+         pixels[:, :edge].reshape(-1, 3), pixels[:, -edge:].reshape(-1, 3)]
     )
     background = np.median(border, axis=0)
     stands_out = np.linalg.norm(pixels - background, axis=2) > 60
@@ -205,7 +208,8 @@ def read_colours(image: Image.Image) -> tuple[str, str | None]:
     if len(differs) < 0.03 * (n // 2) ** 2:
         return nearest_colour(background), None
     # The erosion runs on the whole picture, so an object that crosses the centre's edge keeps its core there.
-    inside = np.asarray(Image.fromarray(stands_out.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(5))) > 0  # 2 px in
+    inside = np.asarray(Image.fromarray(stands_out.astype(np.uint8) * 255)
+                        .filter(ImageFilter.MinFilter(5))) > 0  # 2 px in
     core = centre[inside[middle, middle] & (_nearest_index(centre) != _NAMES.index("black"))]
     if len(core) >= 0.05 * len(differs):
         differs = core

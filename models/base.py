@@ -97,7 +97,8 @@ class Base:
     resolution: int  # native image size in pixels
     unet_hash: str  # sha256 over the UNet's weights, to tell models apart (styles record it)
     layout: UnetLayout  # what an adapter file must fit
-    _user: tuple[object, str] | None = field(default=None, repr=False)  # (who changes the pipeline now, its description)
+    # (who changes the pipeline now, its description)
+    _user: tuple[object, str] | None = field(default=None, repr=False)
     _claims: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -124,7 +125,8 @@ class Base:
         return base
 
     def claim(self, user: object, what: str) -> None:
-        """Record that `user` (`what`: its description for messages) is changing the pipeline; BaseInUse if another is."""
+        """Record that `user` (`what`: its description for messages) is changing the pipeline;
+        BaseInUse if another is."""
         with self._claims:
             if self._user is not None and self._user[0] is not user:
                 raise BaseInUse(
@@ -168,7 +170,8 @@ def load_base(model: str | None = None, precision: str = "auto", model_config: s
     if model in (None, "", embedded.EMBEDDED_ID, "embedded"):
         if not (embedded.MODEL_DIR / "model_index.json").is_file():
             raise ValueError(
-                f"The embedded model is missing from {embedded.MODEL_DIR}; rebuild it with `python -m embedded.pretrain`."
+                f"The embedded model is missing from {embedded.MODEL_DIR}; "
+                "rebuild it with `python -m embedded.pretrain`."
             )
         pipe, model_id = _load_pipeline(str(embedded.MODEL_DIR), dtype), embedded.EMBEDDED_ID
     else:
@@ -287,7 +290,8 @@ def _single_file_config(path: Path, kind: str, model_config: str | None) -> str:
     try:
         return snapshot_download(config, allow_patterns=CONFIG_FILES, local_files_only=offline)
     except (OSError, ValueError) as err:  # not cached (offline), no network, no such repo, a malformed id
-        where = "is not in the local Hugging Face cache and the machine is offline" if offline else f"cannot be fetched ({err})"
+        where = ("is not in the local Hugging Face cache and the machine is offline" if offline
+                 else f"cannot be fetched ({err})")
         raise ValueError(
             f"{path.name} is a single-file checkpoint, which holds weights but not the configs that describe "
             f"its parts. They come from {config}, which {where}. Give a model config: a diffusers folder or a "

@@ -295,7 +295,9 @@ class Blender:
         unet = self.base.pipe.unet.config
         multiple = self.base.pipe.vae_scale_factor * 2 ** (len(unet.block_out_channels) - 1)
         if size % multiple or not multiple <= size <= MAX_SIDE:
-            raise ValueError(f"Width and height must be multiples of {multiple} between {multiple} and {MAX_SIDE}, not {size}.")
+            raise ValueError(
+                f"Width and height must be multiples of {multiple} between {multiple} and {MAX_SIDE}, not {size}."
+            )
         return size
 
 

@@ -38,7 +38,10 @@ def encode_style(
     info: dict[str, str],
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a style file from a peft UNet state dict (keys without 'unet.')."""
-    tensors = {UNET_PREFIX + key: value.detach().to("cpu", torch.float32).contiguous() for key, value in unet_lora_state.items()}
+    tensors = {
+        UNET_PREFIX + key: value.detach().to("cpu", torch.float32).contiguous()
+        for key, value in unet_lora_state.items()
+    }
     lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules)}
     metadata = {
         "format": "pt",
@@ -60,11 +63,14 @@ class StyleAdapter:
     rank: int
     alpha: float
     target_modules: list[str]
-    info: dict[str, str] = field(default_factory=dict)  # our metadata: config, trigger, base model, family, UNet hash, ...
+    # our metadata: config, trigger, base model, family, UNet hash, ...
+    info: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         # In fp32 on the CPU, as the file holds them: an event that carries them keeps no GPU memory alive.
-        self.tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in self.tensors.items()}
+        self.tensors = {
+            key: value.detach().to("cpu", torch.float32).contiguous() for key, value in self.tensors.items()
+        }
 
     def to_bytes(self) -> bytes:
         """The style file: safetensors in the diffusers layout, with diffusers' and our metadata."""
@@ -136,10 +142,16 @@ def check_adapter_file(path: str | Path) -> tuple[dict[str, str], dict[str, dict
         raise ValueError(f"{path.name} holds no tensors.")
     for key, entry in table.items():
         if not isinstance(entry, dict) or entry.get("dtype") not in FLOAT_DTYPES:
-            raise ValueError(f"{path.name}: tensor {key!r} is not a float tensor ({entry.get('dtype') if isinstance(entry, dict) else entry}).")
+            raise ValueError(
+                f"{path.name}: tensor {key!r} is not a float tensor "
+                f"({entry.get('dtype') if isinstance(entry, dict) else entry})."
+            )
     for fragment, kind in UNSUPPORTED_PARTS.items():
         if any(fragment in key for key in table):
-            raise ValueError(f"{path.name} is a {kind} adapter; only LoRA adapters (lora_A/lora_B or lora_down/lora_up) can be imported.")
+            raise ValueError(
+                f"{path.name} is a {kind} adapter; "
+                "only LoRA adapters (lora_A/lora_B or lora_down/lora_up) can be imported."
+            )
     return metadata, table
 
 
@@ -159,7 +171,10 @@ def import_adapter(path: str | Path, layout: UnetLayout) -> ImportedAdapter:
         source, modules, skipped, alphas = "kohya", *_parse_kohya(raw, layout)
     else:
         source, modules, skipped, alphas = "diffusers/PEFT", *_parse_peft(raw, metadata)
-    notes = [f"{count} {what} left out (a style adapts the UNet's attention projections only)" for what, count in skipped.items()]
+    notes = [
+        f"{count} {what} left out (a style adapts the UNet's attention projections only)"
+        for what, count in skipped.items()
+    ]
 
     unknown = sorted(m for m in modules if m not in layout.modules)
     if unknown:
@@ -172,15 +187,19 @@ def import_adapter(path: str | Path, layout: UnetLayout) -> ImportedAdapter:
     if other:
         notes.append(f"LoRA on {other} other UNet module(s) (convolutions, feed-forward, projections) left out")
     if not used:
-        raise ValueError(f"{path.name} has no LoRA weights on the UNet's attention projections ({', '.join(ATTENTION_PROJECTIONS)}); nothing to import.")
+        raise ValueError(
+            f"{path.name} has no LoRA weights on the UNet's attention projections "
+            f"({', '.join(ATTENTION_PROJECTIONS)}); nothing to import."
+        )
 
     for module, (down, up) in used.items():
         out_features, in_features = layout.projections[module]
         rank = down.shape[0]
         if down.ndim != 2 or up.ndim != 2 or down.shape[1] != in_features or up.shape != (out_features, rank):
             raise ValueError(
-                f"{path.name}: the LoRA of {module} has shapes {list(down.shape)} and {list(up.shape)}; this base model "
-                f"needs [rank, {in_features}] and [{out_features}, rank]. It was made for another model."
+                f"{path.name}: the LoRA of {module} has shapes {list(down.shape)} and {list(up.shape)}; "
+                f"this base model needs [rank, {in_features}] and [{out_features}, rank]. "
+                "It was made for another model."
             )
         if not 1 <= rank <= MAX_RANK:
             raise ValueError(f"{path.name}: rank {rank} of {module} is outside 1-{MAX_RANK}.")
@@ -205,7 +224,10 @@ def import_adapter(path: str | Path, layout: UnetLayout) -> ImportedAdapter:
             scale = alphas.get(m, float(r)) / r
             tensors[f"{m}.lora_A.weight"] = torch.nn.functional.pad(down.float(), (0, 0, 0, rank - r))
             tensors[f"{m}.lora_B.weight"] = torch.nn.functional.pad(up.float() * scale, (0, rank - r))
-        notes.append(f"ranks {sorted(ranks)} and alphas differ per module: padded to rank {rank} with each module's strength kept")
+        notes.append(
+            f"ranks {sorted(ranks)} and alphas differ per module: "
+            f"padded to rank {rank} with each module's strength kept"
+        )
     if not alphas:
         notes.append("the file does not say its alpha: alpha = rank assumed, as diffusers does")
     return ImportedAdapter(
@@ -257,12 +279,20 @@ def _parse_kohya(raw: dict[str, torch.Tensor], layout: UnetLayout):
     modules, alphas = {}, {}
     for name, entry in parts.items():
         if kohya.DOWN not in entry or kohya.UP not in entry:
-            raise ValueError(f"{name} has no {'lora_up' if kohya.DOWN in entry else 'lora_down'} weight; the file is incomplete.")
+            raise ValueError(
+                f"{name} has no {'lora_up' if kohya.DOWN in entry else 'lora_down'} weight; the file is incomplete."
+            )
         module = names.get(name)
         if module is None:
-            raise ValueError(f"{name} does not name a module of this base model's UNet; it was probably made for another model family.")
+            raise ValueError(
+                f"{name} does not name a module of this base model's UNet; "
+                "it was probably made for another model family."
+            )
         down, up = entry[kohya.DOWN], entry[kohya.UP]
-        if down.ndim == 4 and down.shape[2:] == (1, 1) and up.ndim == 4 and up.shape[2:] == (1, 1) and module in layout.projections:
+        if (
+            down.ndim == 4 and down.shape[2:] == (1, 1) and up.ndim == 4 and up.shape[2:] == (1, 1)
+            and module in layout.projections
+        ):
             down, up = down[:, :, 0, 0], up[:, :, 0, 0]  # some tools store linear layers as 1x1 convolutions
         modules[module] = (down, up)
         if kohya.ALPHA in entry:
@@ -289,7 +319,9 @@ def _parse_peft(raw: dict[str, torch.Tensor], metadata: dict[str, str]):
         elif name.endswith((".lora_A.weight", ".lora_B.weight")):
             module, part = name[: -len(".lora_A.weight")], name[-len("A.weight")]
         elif name.endswith((".lora.down.weight", ".lora.up.weight")):  # diffusers' LoRACompatible layers
-            module = name[: -len(".lora.down.weight")] if name.endswith("down.weight") else name[: -len(".lora.up.weight")]
+            module = (
+                name[: -len(".lora.down.weight")] if name.endswith("down.weight") else name[: -len(".lora.up.weight")]
+            )
             part = "A" if name.endswith("down.weight") else "B"
         else:
             raise ValueError(f"Unexpected key {key!r}: not a LoRA weight in the diffusers, PEFT or kohya layout.")
@@ -327,5 +359,7 @@ def to_kohya(path: str | Path, layers_per_block: int) -> tuple[dict[str, torch.T
     }
     family = info.get("family", "sd1")
     kohya_tensors = kohya.export(modules, alpha, family, layers_per_block)
-    kohya_metadata = kohya.training_metadata(family, Path(path).stem, rank, alpha, info, json.loads(info.get("config", "{}")))
+    kohya_metadata = kohya.training_metadata(
+        family, Path(path).stem, rank, alpha, info, json.loads(info.get("config", "{}"))
+    )
     return kohya_tensors, kohya_metadata | {key: value for key, value in metadata.items() if key.startswith(OUR_PREFIX)}

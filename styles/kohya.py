@@ -85,7 +85,9 @@ def export(
     return tensors
 
 
-def training_metadata(family: str, name: str, rank: int, alpha: float, info: dict[str, str], config: dict) -> dict[str, str]:
+def training_metadata(
+    family: str, name: str, rank: int, alpha: float, info: dict[str, str], config: dict
+) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` entries that A1111's and ComfyUI's LoRA browsers show."""
     resolution = config.get("resolution") or ""
     return {

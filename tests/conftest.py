@@ -78,4 +78,5 @@ def train_style(library, name: str, seed: int, steps: int = 6, **overrides):
 
 def save_style(library, finished, overwrite: bool = False):
     """Save the style a Finished event hands back, as the job runner and the CLI do; return its path."""
-    return library.save(finished.style_name, finished.adapter.to_bytes(), thumbnail=finished.thumbnail, overwrite=overwrite)
+    return library.save(finished.style_name, finished.adapter.to_bytes(), thumbnail=finished.thumbnail,
+                        overwrite=overwrite)

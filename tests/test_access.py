@@ -27,7 +27,8 @@ ACCESS_CASES = [
     ("", False, None, False, None, None, "--host '' lets other machines"),  # '' binds every interface
     ("127.0.0.1", True, None, False, None, None, "--share publishes the app"),
     ("0.0.0.0", False, None, True, None, "with no password (--insecure)", None),
-    ("127.0.0.1", True, None, True, None, "--share publishes the app at a public gradio.live address, with no password", None),
+    ("127.0.0.1", True, None, True, None,
+     "--share publishes the app at a public gradio.live address, with no password", None),
     ("0.0.0.0", False, "ann:pw", True, ("ann", "pw"), None, None),  # --auth wins: no warning
     ("127.0.0.1", False, "annpw", False, None, None, "must be USER:PASSWORD"),
     ("127.0.0.1", False, "ann:p:w", False, None, None, "must be USER:PASSWORD"),
@@ -58,21 +59,25 @@ def _run_app(*args, env_auth=None):
     if env_auth is not None:
         env[AUTH_ENV] = env_auth
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
     return result, time.monotonic() - started
 
 
 @pytest.mark.parametrize(
     "args,env_auth,words",
     [
-        (["--host", "0.0.0.0"], None, ["--host 0.0.0.0 lets other machines reach the app", "--auth USER:PASSWORD", "--insecure"]),
+        (["--host", "0.0.0.0"], None,
+         ["--host 0.0.0.0 lets other machines reach the app", "--auth USER:PASSWORD", "--insecure"]),
         (["--host", "0.0.0.0", "--auth", "ann:se:cret"], None, ["must be USER:PASSWORD"]),
-        (["--host", "0.0.0.0"], "ann-se-cret", [f"--auth (or {AUTH_ENV}) must be USER:PASSWORD"]),  # the variable is read
+        # the variable is read
+        (["--host", "0.0.0.0"], "ann-se-cret", [f"--auth (or {AUTH_ENV}) must be USER:PASSWORD"]),
     ],
     ids=["no-auth", "bad-auth", "bad-env-auth"],
 )
 def test_exposed_app_without_a_password_exits_before_loading_the_model(tmp_path, args, env_auth, words):
-    result, seconds = _run_app(*args, "--port", str(free_port()), "--workspace", str(tmp_path / "ws"), env_auth=env_auth)
+    result, seconds = _run_app(*args, "--port", str(free_port()), "--workspace", str(tmp_path / "ws"),
+                               env_auth=env_auth)
     assert result.returncode == 2, result.stderr
     assert all(word in result.stderr for word in words), result.stderr
     assert "se-cret" not in result.stderr and "se:cret" not in result.stderr
@@ -93,7 +98,8 @@ def test_password_is_required(guarded_app):
 
     url, _ = guarded_app
     for auth in (None, ("u", "wrong"), ("someone", "p")):
-        with pytest.raises(Exception, match="(?i)login"):  # AuthenticationError without auth, ValueError for a failed login
+        # AuthenticationError without auth, ValueError for a failed login
+        with pytest.raises(Exception, match="(?i)login"):
             Client(url, verbose=False, auth=auth).predict(api_name="/list_styles")
     assert Client(url, verbose=False, auth=("u", "p")).predict(api_name="/list_styles") == []
 
@@ -107,7 +113,8 @@ def test_server_refuses_a_file_over_its_cap_before_it_reaches_disk(guarded_app, 
     big.write_bytes(bytes(2 * 1024 * 1024))
     # gradio_client reads the cap from the app's config and refuses before sending...
     with pytest.raises(ValueError, match="exceeds the maximum file size of 1048576 bytes"):
-        Client(url, verbose=False, auth=("u", "p")).predict(files=[handle_file(str(big))], style_name="big", api_name="/submit_training")
+        Client(url, verbose=False, auth=("u", "p")).predict(files=[handle_file(str(big))], style_name="big",
+                                                             api_name="/submit_training")
     # ...and a client that sends anyway is cut off by the server mid-stream.
     with httpx.Client(base_url=url) as http:
         assert http.post("gradio_api/upload", files={"files": ("a.png", b"x")}).status_code == 401  # not logged in

@@ -39,7 +39,8 @@ def page(studio):
 
 @pytest.fixture
 def uploads(tmp_path):
-    """Loose PNGs and a zip with a caption file, as a user would upload them (paths as str, as gradio hands them over)."""
+    """Loose PNGs and a zip with a caption file, as a user would upload them
+    (paths as str, as gradio hands them over)."""
     folder = tmp_path / "uploads"
     folder.mkdir()
     files = []
@@ -116,9 +117,11 @@ def test_upload_train_generate_blend_export_delete(uploads, tmp_path):
         from embedded import MODEL_DIR
 
         pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)
-        plain = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np").images
+        plain = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1),
+                     output_type="np").images
         pipe.load_lora_weights(exported)
-        styled = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np").images
+        styled = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1),
+                      output_type="np").images
         assert pipe.get_list_adapters()["unet"] and np.abs(styled - plain).max() > 1e-3
         # ...and that imports back as a style which draws what the original draws.
         message = client.predict(file=handle_file(exported), name="zigzag-back", api_name="/import_style")
@@ -152,11 +155,14 @@ def test_upload_train_generate_blend_export_delete(uploads, tmp_path):
         (dict(style_name="../../etc"), None, "not allowed"),
         (dict(style_name="ok", rank=0), None, "rank = 0 is outside"),
         (dict(style_name="ok", rank="eight"), None, "Rank must be a whole number, not 'eight'"),
-        (dict(style_name="ok"), "notes.png", "notes.png: not an image"),  # content checked by us, whatever the name says
+        # content checked by us, whatever the name says
+        (dict(style_name="ok"), "notes.png", "notes.png: not an image"),
         (dict(style_name="ok"), "nothing", "No images were uploaded"),
     ],
 )
-def test_bad_training_input_is_refused_with_a_message_and_nothing_is_queued(studio, page, uploads, tmp_path, settings, junk, message):
+def test_bad_training_input_is_refused_with_a_message_and_nothing_is_queued(
+    studio, page, uploads, tmp_path, settings, junk, message
+):
     files = list(uploads[0])
     if junk == "nothing":
         files = []
@@ -233,7 +239,8 @@ def test_queue_cancel_keep_while_generation_keeps_working(studio, page, uploads)
 
 
 def test_presets_save_as_toml_and_load_back(studio, page):
-    result = handlers.save_preset(studio, page, "crisp", "Best", rank=4, learning_rate=2e-4, target_modules="to_q, to_v")
+    result = handlers.save_preset(studio, page, "crisp", "Best", rank=4, learning_rate=2e-4,
+                                  target_modules="to_q, to_v")
     assert "crisp" in result[page.preset_message] and result[page.saved_presets]["value"] == "crisp"
     from trainer.config import make_config, read_settings
 
@@ -268,7 +275,8 @@ def test_generate_reports_the_blend_and_saves_pngs_with_their_recipe(studio, pag
     assert result[page.info] == "Seed 3 · styles: ink +0.50"
     image = Image.open(result[page.gallery][0])
     assert Path(result[page.gallery][0]).parent == studio.workspace / "outputs"
-    assert json.loads(image.text["style_studio"])["styles"] == {"ink": 0.5} and "<lora:ink:0.5>" in image.text["parameters"]
+    assert (json.loads(image.text["style_studio"])["styles"] == {"ink": 0.5}
+            and "<lora:ink:0.5>" in image.text["parameters"])
     assert handlers.generate(studio, page, "a red circle", steps=4)[page.info] == "Seed 0 · styles: none (base model)"
 
 
@@ -286,7 +294,9 @@ def test_the_library_refresh_redraws_only_when_the_styles_change(studio, page):
 
 def test_the_jobs_refresh_keeps_the_picked_job(studio, page, uploads):
     studio.jobs.close()
-    assert handlers.refresh_jobs(studio, page, None, None)[page.job_picker] == {"__type__": "update", "choices": [], "value": None}
+    assert handlers.refresh_jobs(studio, page, None, None)[page.job_picker] == {
+        "__type__": "update", "choices": [], "value": None
+    }
     handlers.submit_training(studio, page, uploads[0], "first", preset="Quick")
     handlers.submit_training(studio, page, uploads[0], "second", preset="Quick")
     unpicked = handlers.refresh_jobs(studio, page, None, [])

@@ -106,7 +106,8 @@ def test_all_scales_zero_is_the_base_model_bit_for_bit(blender, fuse):
 @pytest.mark.parametrize("scale", [-2.0, -0.5, 0.5, 1.0, 1.7])
 def test_a_style_adds_scale_times_alpha_over_rank_times_BA(blender, library, base_weights, fuse, scale):
     blender.fuse = fuse
-    x = torch.randn(3, blender.base.pipe.unet.get_submodule(LAYER).in_features, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, blender.base.pipe.unet.get_submodule(LAYER).in_features,
+                    generator=torch.Generator().manual_seed(0))
     blender.apply({"ink": scale})
     expected = x @ (scale * _lora_delta(library, "ink")).T
     torch.testing.assert_close(_layer_delta(blender, base_weights, x), expected, rtol=1e-4, atol=1e-6)
@@ -114,7 +115,8 @@ def test_a_style_adds_scale_times_alpha_over_rank_times_BA(blender, library, bas
 
 def test_two_styles_add(blender, library, base_weights, fuse):
     blender.fuse = fuse
-    x = torch.randn(2, blender.base.pipe.unet.get_submodule(LAYER).in_features, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, blender.base.pipe.unet.get_submodule(LAYER).in_features,
+                    generator=torch.Generator().manual_seed(1))
     blender.apply({"ink": 0.7, "pastel": -1.2})
     expected = x @ (0.7 * _lora_delta(library, "ink") - 1.2 * _lora_delta(library, "pastel")).T
     torch.testing.assert_close(_layer_delta(blender, base_weights, x), expected, rtol=1e-4, atol=1e-6)

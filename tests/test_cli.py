@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.slow
@@ -37,7 +38,8 @@ def test_cli_print_config_shows_every_default():
     result = _run("--print-config", "--preset", "Quick", "--set", "style_name=x", "--set", "steps=7")
     assert result.returncode == 0
     config = json.loads(result.stdout)
-    assert config["steps"] == 7 and config["rank"] == 8 and config["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert (config["steps"] == 7 and config["rank"] == 8
+            and config["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 def test_cli_bad_input_exits_2_with_a_message(tmp_path):
@@ -53,7 +55,8 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path):
 def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path, image_folder):
     args = ["--preset", "Quick", "--set", "style_name=later", "--set", "steps=100000", "--set", "checkpoint_every=5",
             "--set", "num_samples=0", "--images", image_folder, "--workspace", tmp_path / "ws"]
-    run = subprocess.Popen([sys.executable, "-m", "trainer", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen([sys.executable, "-m", "trainer", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE,
+                           text=True)
     checkpoints = tmp_path / "ws" / "runs" / "later" / "checkpoints"
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("step-*.safetensors")):
@@ -70,8 +73,8 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path, image_folder):
     assert (tmp_path / "ws" / "styles" / "later.safetensors").is_file()
 
 
-LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer"]
+LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer"]
 
 
 @pytest.mark.slow
@@ -110,7 +113,8 @@ def test_accelerate_launch_trains_one_style_over_two_processes(tmp_path, image_f
     assert interrupted.returncode != 0 and "--resume" in stderr, stderr[-3000:]
     stopped_at = max(int(p.stem.split("-")[1]) for p in checkpoints.glob("step-*.safetensors"))
     assert stopped_at < 40
-    resumed = subprocess.run([*LAUNCH_2, *common, "--set", "steps=40", "--workspace", str(tmp_path / "resumed"), "--resume"],
+    resumed = subprocess.run([*LAUNCH_2, *common, "--set", "steps=40", "--workspace", str(tmp_path / "resumed"),
+                              "--resume"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and f"resuming at step {stopped_at}" in resumed.stderr, resumed.stderr[-3000:]
     again = load_file(StyleLibrary(tmp_path / "resumed").path_for("dp"))

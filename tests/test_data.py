@@ -118,7 +118,9 @@ def test_zip_with_captions_and_unsafe_members(tmp_path, image_zip):
         archive.writestr("__MACOSX/._img0.png", b"junk")
     result = ingest(image_zip, resolution=RES)
     assert len(result) == 4 and result.captions[0] == "a red circle in zq style"
-    assert result.skipped == [("set.zip/../escape.png", "unsafe path inside the zip (absolute, a drive, or containing '..')")]
+    assert result.skipped == [
+        ("set.zip/../escape.png", "unsafe path inside the zip (absolute, a drive, or containing '..')")
+    ]
     assert not (tmp_path.parent / "escape.png").exists()
 
 
@@ -181,21 +183,26 @@ SMALL = UploadLimits(max_file_bytes=200_000, max_total_bytes=2_000_000, max_file
 # name, bytes (made lazily), expected words in the reason. Each goes in with a good image, which must still count.
 HOSTILE_FILES = [
     ("page.html", lambda: b"<!doctype html><html><body><script>alert(1)</script></body></html>", "not an image"),
-    ("drawing.svg", lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect/></svg>', "not an image"),
+    ("drawing.svg", lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect/></svg>',
+     "not an image"),
     ("install.sh", lambda: b"#!/bin/sh\nrm -rf ~\n", "not an image"),
     ("script.png", lambda: b"#!/bin/sh\nrm -rf ~\n", "not an image"),  # the name does not decide
-    ("poster.eps", lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n", "not an image"),  # never reaches Ghostscript
+    # never reaches Ghostscript
+    ("poster.eps", lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n", "not an image"),
     ("archive.png", lambda: zip_bytes({"a.png": GOOD}), "not an image"),
     ("empty.png", lambda: b"", "empty file"),
     ("truncated.png", lambda: png_bytes(pattern_image(1))[:200], "cannot be decoded"),
-    ("cut-data.png", lambda: png_bytes(pattern_image(1, 256))[:-300], "image file is truncated"),  # header intact, data cut
+    # header intact, data cut
+    ("cut-data.png", lambda: png_bytes(pattern_image(1, 256))[:-300], "image file is truncated"),
     ("truncated.jpg", lambda: png_bytes(pattern_image(1, 256), format="JPEG")[:12_000], "image file is truncated"),
     ("cut-header.jpg", lambda: png_bytes(pattern_image(1, 256), format="JPEG")[:600], "cannot be decoded"),
     ("corrupt.png", corrupt_png, "cannot be decoded"),
     ("tiny.png", lambda: png_bytes(Image.new("RGB", (4, 4))), "too small"),
     ("huge.png", lambda: bytes(300_000), "larger than 0.2 MB"),
-    ("bomb.png", lambda: png_claiming(2000, 2000), "too many pixels (2000x2000"),  # 2000 rows of zeros: 4 MP decoded, 2 KB on disk
-    ("claims.png", lambda: png_claiming(50_000, 50_000, rows=0), "decompression bomb"),  # over PIL's own limit: its error
+    # 2000 rows of zeros: 4 MP decoded, 2 KB on disk
+    ("bomb.png", lambda: png_claiming(2000, 2000), "too many pixels (2000x2000"),
+    # over PIL's own limit: its error
+    ("claims.png", lambda: png_claiming(50_000, 50_000, rows=0), "decompression bomb"),
 ]
 
 
@@ -231,7 +238,8 @@ def test_hostile_zip_members_are_refused_by_name(tmp_path, member, make, reason)
     before = set(tmp_path.parent.rglob("*"))  # other tests' files live here too: compare, don't match names
     result = ingest(archive, resolution=RES, limits=SMALL)
     assert result.names == ["set.zip/good.png"]
-    assert result.skipped == [(f"set.zip/{member}", result.skipped[0][1])] and reason in result.skipped[0][1], result.skipped
+    assert (result.skipped == [(f"set.zip/{member}", result.skipped[0][1])]
+            and reason in result.skipped[0][1]), result.skipped
     assert set(tmp_path.parent.rglob("*")) == before  # nothing extracted anywhere
 
 
@@ -253,7 +261,8 @@ def test_zip_member_whose_header_overstates_its_size_is_refused_unread(tmp_path)
 
 
 def test_encrypted_zip_member_is_refused(tmp_path):
-    path = _write(tmp_path, "locked.zip", patch_member(zip_bytes({"good.png": GOOD, "locked.png": GOOD}), "locked.png", flags=0x1))
+    path = _write(tmp_path, "locked.zip",
+                  patch_member(zip_bytes({"good.png": GOOD, "locked.png": GOOD}), "locked.png", flags=0x1))
     result = ingest(path, resolution=RES)
     assert result.names == ["locked.zip/good.png"] and "encrypted" in result.skipped[0][1]
 

@@ -85,7 +85,8 @@ SDXL_UNET = {
     "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "in_channels": 4,
     "layers_per_block": 2, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "use_linear_projection": True,
 }
 DETECTION_CASES = [
@@ -117,7 +118,9 @@ def test_load_base_from_a_folder_knows_its_family(models, family):
 def test_a_folder_of_another_pipeline_kind_is_refused(models, tmp_path):
     folder = tmp_path / "img2img"
     tiny_models.sd1_pipeline().save_pretrained(folder)
-    index = (folder / "model_index.json").read_text().replace('"StableDiffusionPipeline"', '"StableDiffusionImg2ImgPipeline"')
+    index = (folder / "model_index.json").read_text().replace(
+        '"StableDiffusionPipeline"', '"StableDiffusionImg2ImgPipeline"'
+    )
     (folder / "model_index.json").write_text(index)
     with pytest.raises(ValueError, match="StableDiffusionImg2ImgPipeline model; Style Studio trains on text-to-image"):
         load_base(str(folder))
@@ -201,7 +204,8 @@ def test_a_style_from_another_model_of_the_family_warns(models, tmp_path):
 def test_sdxl_conditioning_holds_both_encoders_the_pooled_embedding_and_the_size_ids():
     pipe = tiny_models.sdxl_pipeline()
     cond = encode_conditioning(pipe, ["a red circle", "a blue square"], [(32, 32), (32, 32)])
-    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
     with torch.no_grad():
         first = pipe.text_encoder(ids, output_hidden_states=True)
         second = pipe.text_encoder_2(ids, output_hidden_states=True)

@@ -34,7 +34,9 @@ def test_stock_diffusers_loads_the_export_and_matches_our_blender(library, base,
     ours_out = ours(**kwargs, generator=torch.Generator().manual_seed(4)).images
     stock_out = stock(**kwargs, generator=torch.Generator().manual_seed(4)).images
     assert np.abs(ours_out - stock_out).max() < TOLERANCE
-    base_out = StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)(**kwargs, generator=torch.Generator().manual_seed(4)).images
+    base_out = StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)(
+        **kwargs, generator=torch.Generator().manual_seed(4)
+    ).images
     assert np.abs(stock_out - base_out).max() > 1e-3  # the style really is applied
 
 
@@ -81,7 +83,8 @@ def kohya_file(style_path, tmp_path, family_naming: str = "sd1"):
     tensors, metadata = formats.to_kohya(style_path, layers_per_block=1)
     if family_naming == "sdxl":
         style, _ = formats.read_style(style_path)
-        modules = {k[5:-14]: (v, style[k.replace("lora_A", "lora_B")]) for k, v in style.items() if k.endswith("lora_A.weight")}
+        modules = {k[5:-14]: (v, style[k.replace("lora_A", "lora_B")])
+                   for k, v in style.items() if k.endswith("lora_A.weight")}
         tensors = kohya.export(modules, float(metadata["ss_network_alpha"]), "sdxl", layers_per_block=1)
     return formats.write_atomic(tmp_path / f"kohya_{family_naming}.safetensors", tensors, metadata)
 
@@ -161,7 +164,10 @@ def test_import_keeps_the_unet_attention_part_and_reports_the_rest(library, base
     text = " ".join(notes)
     assert "1 text-encoder" in text and "1 other UNet module" in text and "padded to rank 4" in text
     expected = safetensors.torch.load_file(style)
-    up_key = [k for k in expected if "attn2.to_k.lora_B" in k and k.startswith("unet." + key[10:].split("_attentions")[0].replace("_", "."))]
+    up_key = [
+        k for k in expected
+        if "attn2.to_k.lora_B" in k and k.startswith("unet." + key[10:].split("_attentions")[0].replace("_", "."))
+    ]
     imported = safetensors.torch.load_file(info.path)
     for k in up_key:  # the halved rank-2 module keeps its strength: B' = B * alpha / rank, padded with zeros
         assert torch.allclose(imported[k][:, :2], expected[k][:, :2]) and not imported[k][:, 2:].any()
@@ -174,7 +180,8 @@ def test_peft_and_old_diffusers_layouts_import(library, base, tmp_path):
     old = {}
     for k, v in tensors.items():
         module, part = k[: -len(".lora_A.weight")], "down" if ".lora_A." in k else "up"
-        head, proj = module.rsplit(".", 1) if not module.endswith("to_out.0") else (module[: -len(".to_out.0")], "to_out")
+        head, proj = (module.rsplit(".", 1) if not module.endswith("to_out.0")
+                      else (module[: -len(".to_out.0")], "to_out"))
         old[f"{head}.processor.{proj}_lora.{part}.weight"] = v
     for name, content in [("peft-raw", peft_raw), ("old-diffusers", old)]:
         safetensors.torch.save_file(content, tmp_path / f"{name}.safetensors")
@@ -194,12 +201,17 @@ def hostile_adapters(tmp_path, good: dict):
         "nan.safetensors": ({**good, key_a: torch.full_like(good[key_a], float("nan"))}, "NaN"),
         "shape.safetensors": ({**good, key_a: torch.zeros(4, 77)}, "shapes"),
         "sdxl.safetensors": ({"unet.down_blocks.5.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8),
-                              "unet.down_blocks.5.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 4)}, "another model family"),
-        "rank.safetensors": ({k: torch.zeros(600, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 600) for k, v in good.items()}, "rank 600"),
+                              "unet.down_blocks.5.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 4)},
+                             "another model family"),
+        "rank.safetensors": ({k: torch.zeros(600, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 600)
+                              for k, v in good.items()}, "rank 600"),
         "loha.safetensors": ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "LoHa"),
         "ints.safetensors": ({key_a: torch.zeros(4, 4, dtype=torch.int64)}, "not a float tensor"),
-        "te-only.safetensors": ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 128),
-                                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(128, 4)}, "nothing to import"),
+        "te-only.safetensors": (
+            {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 128),
+             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(128, 4)},
+            "nothing to import",
+        ),
     }
     for name, (content, words) in cases.items():
         path = tmp_path / name

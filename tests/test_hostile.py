@@ -20,15 +20,19 @@ GOOD = png_bytes(pattern_image(0))
 # so no job is queued; the default caps apply (the app runs without --max-* flags).
 HOSTILE_UPLOADS = [
     # gradio's own file_types check turns a .html away by its extension; the same page named .png reaches ingest.
-    ("page.html", lambda: b"<!doctype html><html><body><script>alert(1)</script></body></html>", "s", "Invalid file type"),
-    ("page.png", lambda: b"<!doctype html><html><body><script>alert(1)</script></body></html>", "s", "page.png: not an image"),
-    ("drawing.svg", lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"/>', "s", "drawing.svg: not an image"),
+    ("page.html", lambda: b"<!doctype html><html><body><script>alert(1)</script></body></html>", "s",
+     "Invalid file type"),
+    ("page.png", lambda: b"<!doctype html><html><body><script>alert(1)</script></body></html>", "s",
+     "page.png: not an image"),
+    ("drawing.svg", lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"/>', "s",
+     "drawing.svg: not an image"),
     ("empty.png", lambda: b"", "s", "empty.png: empty file"),
     ("truncated.png", lambda: png_bytes(pattern_image(1))[:200], "s", "truncated.png: cannot be decoded"),
     ("slip.zip", lambda: zip_bytes({"../escape.png": GOOD, "..\\escape.png": GOOD, "/tmp/escape.png": GOOD}), "s",
      "slip.zip/../escape.png: unsafe path inside the zip"),
     # The header says 3 GB (the data is 1 MB of zeros): refused by the 50 MB cap before a byte is inflated.
-    ("bomb.zip", lambda: patch_member(zip_bytes({"bomb.png": bytes(1_000_000)}), "bomb.png", file_size=3_000_000_000), "s",
+    ("bomb.zip",
+     lambda: patch_member(zip_bytes({"bomb.png": bytes(1_000_000)}), "bomb.png", file_size=3_000_000_000), "s",
      "bomb.zip/bomb.png: larger than 50 MB (2861 MB)"),
     # 10000 x 10000 pixels of zeros: 12 MB decoded at 1 bit, 100 MB as RGB, a few KB on disk.
     ("bomb.png", lambda: png_claiming(10_000, 10_000), "s", "bomb.png: too many pixels (10000x10000"),
@@ -40,7 +44,8 @@ HOSTILE_UPLOADS = [
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The app's server (its own serve(), in this process) for the whole module, with gradio's upload cache in
-    the test's own folder. Yields (client, workspace, its files once started, upload cache, folder for the hostile files)."""
+    the test's own folder. Yields (client, workspace, its files once started, upload cache, folder for the
+    hostile files)."""
     root = tmp_path_factory.mktemp("hostile")
     workspace, cache, uploads = root / "workspace", root / "gradio-cache", root / "uploads"
     for folder in (workspace, cache, uploads):

@@ -23,7 +23,8 @@ TIMEOUT_S = 240
 
 
 def _images(n=2):
-    return ImageSet(images=[pattern_image(i) for i in range(n)], captions=["a red circle", None][:n], names=["a", "b"][:n])
+    return ImageSet(images=[pattern_image(i) for i in range(n)], captions=["a red circle", None][:n],
+                    names=["a", "b"][:n])
 
 
 def _wait_for(condition, timeout_s=TIMEOUT_S, what="condition"):
@@ -80,7 +81,8 @@ def test_cancel_then_keep_or_discard_the_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_killed_child_is_interrupted_and_resumes(tmp_path):
     jobs = JobManager(tmp_path).start()
-    job = jobs.submit(make_config("Quick", style_name="phoenix", steps=40, num_samples=0, checkpoint_every=5), _images())
+    job = jobs.submit(make_config("Quick", style_name="phoenix", steps=40, num_samples=0, checkpoint_every=5),
+                      _images())
     _wait_for(lambda: jobs.get(job).checkpoint_step >= 10, what="a checkpoint at step 10")
     os.kill(jobs.get(job).pid, signal.SIGKILL)
     _wait_for(lambda: jobs.get(job).state == "interrupted", what="interrupted")
@@ -101,7 +103,8 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_kill_9_of_the_app_then_resume_gives_the_uninterrupted_adapter(tmp_path):
-    """`python -m app` dies by SIGKILL mid-run; the next app lists the job as interrupted; Resume ends where a straight run ends."""
+    """`python -m app` dies by SIGKILL mid-run; the next app lists the job as interrupted;
+    Resume ends where a straight run ends."""
     from gradio_client import handle_file
 
     for i in range(2):
@@ -145,7 +148,8 @@ def test_kill_9_of_the_app_then_resume_gives_the_uninterrupted_adapter(tmp_path)
     cfg = TrainConfig.from_dict(json.loads(job_file.read_text())["config"])
     straight = list(train(cfg, images, base))[-1]
     assert isinstance(straight, Finished)
-    expected, got = load_file(save_style(StyleLibrary(tmp_path / "straight"), straight)), load_file(StyleLibrary(workspace).path_for("survivor"))
+    expected, got = (load_file(save_style(StyleLibrary(tmp_path / "straight"), straight)),
+                     load_file(StyleLibrary(workspace).path_for("survivor")))
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
 
 
@@ -160,7 +164,8 @@ def test_a_failing_child_reports_why(tmp_path):
 def _record(job_dir, **fields):
     """A job.json as another version of the app might have left it."""
     job_dir.mkdir(parents=True)
-    record = {"id": job_dir.name, "style_name": f"s{job_dir.name}", "config": make_config("Quick", style_name=f"s{job_dir.name}").to_dict(),
+    record = {"id": job_dir.name, "style_name": f"s{job_dir.name}",
+              "config": make_config("Quick", style_name=f"s{job_dir.name}").to_dict(),
               "model": None, "state": "queued", **fields}
     (job_dir / "job.json").write_text(json.dumps(record))
     return record
@@ -183,7 +188,8 @@ def test_records_this_version_cannot_use_are_listed_as_failed_and_left_as_they_a
             jobs.resume(job_id)
     assert json.loads((jobs_dir / "0001" / "job.json").read_text()) == newer  # nothing in it was lost
     assert jobs.get("0004").state == "interrupted"
-    assert jobs.submit(make_config("Quick", style_name="next", steps=1), _images()) == "0006"  # 0005's folder is not reused
+    # 0005's folder is not reused
+    assert jobs.submit(make_config("Quick", style_name="next", steps=1), _images()) == "0006"
 
 
 @pytest.mark.slow
@@ -209,11 +215,14 @@ def test_a_job_that_cannot_be_built_or_written_fails_and_the_next_job_runs(tmp_p
     monkeypatch.setattr(trainer.jobs, "write_text_atomic", full_disk_once)
     jobs.start()
     assert jobs.wait_idle(TIMEOUT_S)
-    assert jobs.get(unreadable).state == "failed" and "Unknown training settings: future_setting" in jobs.get(unreadable).message
-    assert refused and jobs.get(unwritable).state == "failed" and "No space left on device" in jobs.get(unwritable).message
+    assert (jobs.get(unreadable).state == "failed"
+            and "Unknown training settings: future_setting" in jobs.get(unreadable).message)
+    assert (refused and jobs.get(unwritable).state == "failed"
+            and "No space left on device" in jobs.get(unwritable).message)
     assert jobs.get(fine).state == "finished", jobs.get(fine).message
     assert StyleLibrary(tmp_path).names() == ["fine"]
-    assert json.loads((tmp_path / "jobs" / unwritable / "job.json").read_text())["state"] == "failed"  # the next write went through
+    # the next write went through
+    assert json.loads((tmp_path / "jobs" / unwritable / "job.json").read_text())["state"] == "failed"
     later = jobs.submit(make_config("Quick", style_name="later", steps=1, num_samples=0), _images())
     assert jobs.wait_idle(TIMEOUT_S) and jobs.get(later).state == "finished"  # the worker is still there
 
@@ -222,6 +231,7 @@ def test_a_job_state_moves_only_along_the_table():
     from trainer.jobs import ACTIVE, MOVES, JobState
 
     assert set(MOVES) == set(JobState)
-    assert all(JobState.QUEUED not in MOVES[state] for state in (JobState.RUNNING, JobState.FINISHED, JobState.DISCARDED))
+    assert all(JobState.QUEUED not in MOVES[state]
+               for state in (JobState.RUNNING, JobState.FINISHED, JobState.DISCARDED))
     assert all(MOVES[state] <= {JobState.DISCARDED} for state in (JobState.FINISHED, JobState.DISCARDED))
     assert set(ACTIVE) == {JobState.QUEUED, JobState.RUNNING}

@@ -81,8 +81,10 @@ def test_style_file_holds_only_unet_attention_lora_weights(library):
     assert tensors, "no tensors saved"
     for key, value in tensors.items():
         assert key.startswith("unet.") and ".attn" in key, key
-        assert key.endswith((".to_q.lora_A.weight", ".to_k.lora_A.weight", ".to_v.lora_A.weight", ".to_out.0.lora_A.weight",
-                             ".to_q.lora_B.weight", ".to_k.lora_B.weight", ".to_v.lora_B.weight", ".to_out.0.lora_B.weight")), key
+        assert key.endswith((
+            ".to_q.lora_A.weight", ".to_k.lora_A.weight", ".to_v.lora_A.weight", ".to_out.0.lora_A.weight",
+            ".to_q.lora_B.weight", ".to_k.lora_B.weight", ".to_v.lora_B.weight", ".to_out.0.lora_B.weight"
+        )), key
         assert 4 in value.shape
     assert lora_config(metadata) == {"r": 4, "lora_alpha": 2.0, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
     info = style_info(metadata)
@@ -144,7 +146,8 @@ def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_adapter(tmp_
     library = StyleLibrary(tmp_path / "b")
     stopped = _run(cfg, library, checkpoints, stop_at=6)  # stops after step 6: a checkpoint is written on the way out
     assert isinstance(stopped[-1], Cancelled) and stopped[-1].checkpoint.endswith("step-000006.safetensors")
-    assert [p.name for p in checkpoints.paths()] == ["step-000004.safetensors", "step-000006.safetensors"]  # pruned to 2
+    # pruned to 2
+    assert [p.name for p in checkpoints.paths()] == ["step-000004.safetensors", "step-000006.safetensors"]
     resumed = _run(cfg, library, checkpoints, resume=True)
     assert resumed[0].resumed_from == 6 and len(resumed[0].losses) == 6
     assert [e.step for e in resumed if isinstance(e, Step)] == list(range(7, 13))
@@ -209,7 +212,8 @@ def test_invalid_config_is_refused_with_the_reason(overrides, message):
 def test_presets_and_overrides():
     assert set(PRESETS) == {"Quick", "Balanced", "Best", "Low memory"}
     balanced = make_config("Balanced", style_name="x")
-    assert (balanced.rank, balanced.lora_alpha, balanced.learning_rate, balanced.steps, balanced.batch_size) == (8, 8.0, 3e-4, 1000, 4)
+    assert (balanced.rank, balanced.lora_alpha, balanced.learning_rate, balanced.steps,
+            balanced.batch_size) == (8, 8.0, 3e-4, 1000, 4)
     assert make_config("Best", style_name="x", rank=8).lora_alpha == 8.0
     cfg = make_config("Quick", style_name="x", steps=3)
     assert TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg
@@ -244,10 +248,12 @@ def _losses(events):
 
 def test_gradient_checkpointing_gives_the_same_losses_and_is_switched_off_again(base, library):
     """Recomputing activations changes memory, not maths: the same steps give the same losses."""
-    options = dict(style_name="same", steps=4, learning_rate=1e-3, num_samples=0, checkpoint_every=0)  # one name: one caption
+    # one name: one caption
+    options = dict(style_name="same", steps=4, learning_rate=1e-3, num_samples=0, checkpoint_every=0)
     checkpointed = _losses(list(train(make_config("Quick", gradient_checkpointing=True, **options), _images(), base)))
     unet = base.pipe.unet
-    assert not any(getattr(m, "gradient_checkpointing", False) for m in unet.modules())  # the borrowed UNet is as it was
+    # the borrowed UNet is as it was
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in unet.modules())
     plain = _losses(list(train(make_config("Quick", **options), _images(), base)))
     assert len(plain) == 4 and plain[0] != plain[-1]
     assert plain == pytest.approx(checkpointed, rel=1e-5, abs=1e-7)
@@ -272,7 +278,8 @@ def test_channels_last_trains_and_gives_the_unet_back_as_it_came(base, library):
     events = list(train(cfg, _images(), base))
     assert isinstance(events[-1], Finished), events[-1]
     convs = [m.weight for m in base.pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert all(w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
+    assert all(w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
+               for w in convs if w.shape[-1] > 1)
     # The style records the base's hash, taken while the weights were channels-last: the same as a fresh base's.
     assert style_info(formats.read_style(save_style(library, events[-1]))[1])["unet_hash"] == load_base().unet_hash
 
@@ -281,7 +288,8 @@ def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "bitsandbytes" else real_find_spec(name, *args))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "bitsandbytes" else real_find_spec(name, *args))
     with pytest.raises(ValueError, match=r"optimizer adamw8bit needs the optional bitsandbytes package.*"
                                          r"`pip install bitsandbytes`.*or choose optimizer adamw"):
         TrainConfig(style_name="ok", optimizer="adamw8bit").validate()
@@ -291,14 +299,16 @@ def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"optimizer": "adamw8bit"}, "8-bit AdamW (optimizer adamw8bit) needs a CUDA GPU and this run is on the cpu: choose optimizer adamw"),
+        ({"optimizer": "adamw8bit"},
+         "8-bit AdamW (optimizer adamw8bit) needs a CUDA GPU and this run is on the cpu: choose optimizer adamw"),
         ({"compile": True}, "compile is for CUDA GPUs and this run is on the cpu: turn compile off"),
     ],
 )
 def test_gpu_only_options_fail_on_the_cpu_with_the_reason(base, library, monkeypatch, overrides, message):
     import trainer.config
 
-    monkeypatch.setattr(trainer.config, "bitsandbytes_installed", lambda: True)  # as if installed: the device is the problem
+    # as if installed: the device is the problem
+    monkeypatch.setattr(trainer.config, "bitsandbytes_installed", lambda: True)
     cfg = make_config("Quick", style_name="gpu-only", steps=2, **overrides)
     events = list(train(cfg, _images(), base))
     assert len(events) == 1 and isinstance(events[0], Failed) and message in events[0].message
@@ -328,7 +338,9 @@ def test_low_memory_preset_validates_and_trains_on_the_cpu(base, library):
         cfg.optimizer = "adamw"  # 8-bit AdamW needs a CUDA GPU: a CPU run takes plain AdamW
     events = list(train(cfg, _images(), base))
     assert isinstance(events[-1], Finished) and [e.step for e in events if isinstance(e, Step)] == [1, 2]
-    saved = TrainConfig.from_dict(json.loads(style_info(formats.read_style(save_style(library, events[-1]))[1])["config"]))
+    saved = TrainConfig.from_dict(
+        json.loads(style_info(formats.read_style(save_style(library, events[-1]))[1])["config"])
+    )
     assert saved.gradient_checkpointing and saved.optimizer == cfg.optimizer  # the style file says how it was made
 
 
@@ -338,7 +350,8 @@ def test_the_memory_options_appear_in_the_ui_as_choices():
 
     fields = {f.name: f for f in config_fields()}
     for name in ("gradient_checkpointing", "channels_last", "compile"):
-        assert fields[name].default is False and fields[name].metadata["choices"] == BOOLEANS and fields[name].metadata["help"]
+        assert (fields[name].default is False and fields[name].metadata["choices"] == BOOLEANS
+                and fields[name].metadata["help"])
     assert fields["optimizer"].default == "adamw" and fields["optimizer"].metadata["choices"] == OPTIMIZERS
 
 

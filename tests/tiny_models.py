@@ -44,7 +44,8 @@ def text_config(hidden_size: int, hidden_act: str, **extra) -> CLIPTextConfig:
 
 def vae() -> AutoencoderKL:
     return AutoencoderKL(
-        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4, layers_per_block=1, sample_size=RESOLUTION,
     )
 
@@ -59,7 +60,8 @@ def sd1_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
     return StableDiffusionPipeline(
         unet=unet, vae=vae(), text_encoder=CLIPTextModel(text_config(32, "quick_gelu")), tokenizer=tokenizer(),
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -73,7 +75,8 @@ def sd2_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
     )
     scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1, prediction_type="v_prediction"
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1,
+        prediction_type="v_prediction"
     )
     return StableDiffusionPipeline(
         unet=unet, vae=vae(), text_encoder=CLIPTextModel(text_config(48, "gelu")), tokenizer=tokenizer(),
@@ -98,7 +101,8 @@ def sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         text_encoder=CLIPTextModel(text_config(width_1, "quick_gelu")),
         text_encoder_2=CLIPTextModelWithProjection(text_config(width_2, "gelu", projection_dim=width_2)),
         tokenizer=tokenizer(), tokenizer_2=tokenizer(),
-        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1),
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         steps_offset=1),
         force_zeros_for_empty_prompt=True,
     )
 
@@ -153,7 +157,8 @@ def _ldm_unet(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
         for j in range(layers + 1):  # each up level: one more pair, then an upsampler after them
             prefixes.append((f"output_blocks.{(layers + 1) * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
             prefixes.append((f"output_blocks.{(layers + 1) * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
-        prefixes.append((f"output_blocks.{(layers + 1) * i + layers}.{2 if has_attention else 1}.", f"up_blocks.{i}.upsamplers.0."))
+        prefixes.append((f"output_blocks.{(layers + 1) * i + layers}.{2 if has_attention else 1}.",
+                         f"up_blocks.{i}.upsamplers.0."))
     resnet_parts = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
                     ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
     result = {}
@@ -169,16 +174,19 @@ def _ldm_unet(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
 
 def _ldm_vae(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     levels, layers = len(vae.config.block_out_channels), vae.config.layers_per_block
-    prefixes = [("encoder.mid.attn_1.", "encoder.mid_block.attentions.0."), ("decoder.mid.attn_1.", "decoder.mid_block.attentions.0.")]
+    prefixes = [("encoder.mid.attn_1.", "encoder.mid_block.attentions.0."),
+                ("decoder.mid.attn_1.", "decoder.mid_block.attentions.0.")]
     for part in ("encoder", "decoder"):
         prefixes += [(f"{part}.mid.block_{i + 1}.", f"{part}.mid_block.resnets.{i}.") for i in range(2)]
     for i in range(levels):
         prefixes += [(f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.") for j in range(layers)]
         prefixes.append((f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."))
         # the decoder's levels are numbered the other way round in LDM
-        prefixes += [(f"decoder.up.{levels - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.") for j in range(layers + 1)]
+        prefixes += [(f"decoder.up.{levels - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.")
+                     for j in range(layers + 1)]
         prefixes.append((f"decoder.up.{levels - 1 - i}.upsample.", f"decoder.up_blocks.{i}.upsamplers.0."))
-    attention_parts = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
+    attention_parts = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
+                       ("proj_out.", "to_out.0.")]
     result = {}
     for name, tensor in vae.state_dict().items():
         ldm = _swap_prefix(name, prefixes).replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")

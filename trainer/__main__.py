@@ -29,9 +29,11 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override one field, e.g. --set steps=100 (value parsed as JSON when it can be)")
     parser.add_argument("--model", default=None, help="base model (default: the embedded tiny model)")
-    parser.add_argument("--model-config", default=None, help="for a single-file --model offline: a diffusers folder or cached hub id with its configs")
+    parser.add_argument("--model-config", default=None,
+                        help="for a single-file --model offline: a diffusers folder or cached hub id with its configs")
     parser.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
-    parser.add_argument("--resume", action="store_true", help="continue this style's interrupted run from its newest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue this style's interrupted run from its newest checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     args = parser.parse_args(argv)
 
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
         print(f"saved {last.style_name}: {path}")
         return 0
     if isinstance(last, Cancelled):
-        print(f"error: interrupted at step {last.step}; run the same command with --resume to continue", file=sys.stderr)
+        print(f"error: interrupted at step {last.step}; run the same command with --resume to continue",
+              file=sys.stderr)
         return 1
     if isinstance(last, Failed):
         print(f"error: {last.message}", file=sys.stderr)

@@ -75,7 +75,9 @@ class CheckpointDir:
             "param_groups": json.dumps(optimizer["param_groups"]),
             "info": json.dumps(state.info),
         }
-        path = write_bytes_atomic(self.folder / f"step-{state.step:06d}.safetensors", safetensors.torch.save(tensors, metadata))
+        path = write_bytes_atomic(
+            self.folder / f"step-{state.step:06d}.safetensors", safetensors.torch.save(tensors, metadata)
+        )
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path

@@ -31,15 +31,16 @@ class TrainingJob:
     >>> for event in job.events(): print(event)                                              # doctest: +SKIP
     """
 
-    def __init__(self, cfg: TrainConfig, model: str | None, workspace: str | Path, job_dir: str | Path, resume: bool = False,
-                 model_config: str | None = None):
+    def __init__(self, cfg: TrainConfig, model: str | None, workspace: str | Path, job_dir: str | Path,
+                 resume: bool = False, model_config: str | None = None):
         cfg.validate()
         context = mp.get_context("spawn")  # a fresh interpreter: no state shared with the web server
         self._events = context.Queue()
         self._stop = context.Event()
         self._process = context.Process(
             target=_run,
-            args=(cfg.to_dict(), model, model_config, str(workspace), str(job_dir), resume, self._events, self._stop, os.getpid()),
+            args=(cfg.to_dict(), model, model_config, str(workspace), str(job_dir), resume, self._events, self._stop,
+                  os.getpid()),
             daemon=True,
         )
 
@@ -116,7 +117,8 @@ def _run(cfg_dict, model, model_config, workspace, job_dir, resume, events, stop
         for event in train(cfg, images, base, stop, checkpoints=checkpoints, resume=resume, log_dir=log_dir):
             if isinstance(event, Finished):  # train() hands the style back; the job saves it
                 library.save(cfg.style_name, event.adapter.to_bytes(), thumbnail=event.thumbnail)
-                event = dataclasses.replace(event, adapter=None, thumbnail=None)  # on disk now: the parent gets the news
+                # on disk now: the parent gets the news
+                event = dataclasses.replace(event, adapter=None, thumbnail=None)
             events.put(event)
     except Exception as err:  # reported to the parent, never swallowed
         events.put(Failed(f"Training failed: {type(err).__name__}: {err}"))

@@ -22,7 +22,8 @@ DEFAULT_TARGET_MODULES = ATTENTION_PROJECTIONS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULES = ("constant", "cosine")
-BOOLEANS = (True, False)  # the choices of an on/off field: the UI shows a drop-down whose empty value means the preset's
+# the choices of an on/off field: the UI shows a drop-down whose empty value means the preset's
+BOOLEANS = (True, False)
 
 
 def _field(default: Any, help: str, **ui: Any) -> Any:
@@ -40,8 +41,12 @@ class TrainConfig:
     caption_template: str = _field(
         DEFAULT_CAPTION_TEMPLATE, "Caption for images without a .txt file; {trigger} is replaced by the trigger word."
     )
-    rank: int = _field(8, "LoRA rank: capacity of the adapter (file size grows with it).", minimum=1, maximum=256, step=1)
-    alpha: float = _field(0.0, "LoRA alpha: the update is scaled by alpha / rank; 0 means alpha = rank.", minimum=0, maximum=512, step=0.5)
+    rank: int = _field(
+        8, "LoRA rank: capacity of the adapter (file size grows with it).", minimum=1, maximum=256, step=1
+    )
+    alpha: float = _field(
+        0.0, "LoRA alpha: the update is scaled by alpha / rank; 0 means alpha = rank.", minimum=0, maximum=512, step=0.5
+    )
     learning_rate: float = _field(3e-4, "AdamW learning rate of the LoRA weights.", minimum=1e-6, maximum=1e-2)
     lr_schedule: str = _field(
         "constant", "constant, or cosine: the learning rate falls to 0 by the last step, so the adapter settles "
@@ -49,18 +54,28 @@ class TrainConfig:
     )
     steps: int = _field(1000, "Number of optimisation steps.", minimum=1, maximum=100_000, step=1)
     batch_size: int = _field(4, "Images per step.", minimum=1, maximum=64, step=1)
-    resolution: int = _field(0, "Training resolution in pixels; 0 uses the base model's native size.", minimum=0, maximum=2048, step=8)
+    resolution: int = _field(
+        0, "Training resolution in pixels; 0 uses the base model's native size.", minimum=0, maximum=2048, step=8
+    )
     caption_dropout: float = _field(
         0.1, "Share of steps trained with an empty caption, so the style also holds without its prompt words.",
         minimum=0.0, maximum=1.0,
     )
-    seed: int = _field(0, "Random seed; the same seed and data give the same adapter.", minimum=0, maximum=2**31 - 1, step=1)
-    precision: str = _field("auto", "Frozen weights' dtype: auto picks bf16/fp16 on GPU and fp32 on CPU.", choices=PRECISIONS)
+    seed: int = _field(
+        0, "Random seed; the same seed and data give the same adapter.", minimum=0, maximum=2**31 - 1, step=1
+    )
+    precision: str = _field(
+        "auto", "Frozen weights' dtype: auto picks bf16/fp16 on GPU and fp32 on CPU.", choices=PRECISIONS
+    )
     target_modules: list[str] = _field(
         list(DEFAULT_TARGET_MODULES), "UNet attention projections that receive LoRA layers."
     )
-    num_samples: int = _field(2, "Sample images rendered from fixed prompts and seeds while training.", minimum=0, maximum=8, step=1)
-    sample_every: int = _field(100, "Render the samples every this many steps (0: only at the end).", minimum=0, maximum=100_000, step=1)
+    num_samples: int = _field(
+        2, "Sample images rendered from fixed prompts and seeds while training.", minimum=0, maximum=8, step=1
+    )
+    sample_every: int = _field(
+        100, "Render the samples every this many steps (0: only at the end).", minimum=0, maximum=100_000, step=1
+    )
     checkpoint_every: int = _field(
         100, "Save a checkpoint (to resume from) every this many steps (0: never).", minimum=0, maximum=100_000, step=1
     )
@@ -68,7 +83,8 @@ class TrainConfig:
     # Memory and speed (issue 5). Frozen weights in bf16/fp16, cached latents and text embeddings and
     # SDPA attention need no switch: train() always uses them on a GPU.
     gradient_checkpointing: bool = _field(
-        False, "Recompute UNet activations in the backward pass instead of keeping them: far less GPU memory, slower steps.",
+        False, "Recompute UNet activations in the backward pass instead of keeping them: "
+        "far less GPU memory, slower steps.",
         choices=BOOLEANS,
     )
     optimizer: str = _field(
@@ -76,7 +92,8 @@ class TrainConfig:
         choices=OPTIMIZERS,
     )
     channels_last: bool = _field(
-        False, "Lay the UNet's convolution weights out channels-last (NHWC), which tensor-core GPUs may convolve faster.",
+        False, "Lay the UNet's convolution weights out channels-last (NHWC), "
+        "which tensor-core GPUs may convolve faster.",
         choices=BOOLEANS,
     )
     compile: bool = _field(
@@ -176,7 +193,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def write_settings(path: str | Path, values: dict[str, Any]) -> Path:
-    """Write field values as flat TOML (what read_settings and `python -m trainer --config` read back), whole or not at all.
+    """Write field values as flat TOML (what read_settings and `python -m trainer --config` read back),
+    whole or not at all.
 
     Values are str, int, float, bool or lists of str; JSON's string and array syntax is valid TOML.
     """

@@ -156,7 +156,8 @@ class JobManager:
         return self
 
     def close(self) -> None:
-        """Stop the worker: a running job is asked to stop (it keeps a checkpoint, to resume); queued jobs stay queued."""
+        """Stop the worker: a running job is asked to stop (it keeps a checkpoint, to resume);
+        queued jobs stay queued."""
         with self._lock:
             self._closing = True
             if self._running:
@@ -182,11 +183,13 @@ class JobManager:
                 record.checkpoint_step, progress.losses = latest
             with self._lock:
                 if problems:
-                    reason = f"Its record has {'; '.join(problems)}: this version of Style Studio cannot run it and leaves it as it is."
+                    reason = (f"Its record has {'; '.join(problems)}: "
+                              "this version of Style Studio cannot run it and leaves it as it is.")
                     self._foreign[record.id] = reason
                     record.state, record.message = JobState.FAILED, reason
                 elif record.state in ACTIVE:
-                    self._move(record, JobState.INTERRUPTED, f"The app stopped while this job was {record.state}. {_resume_point(record)}")
+                    self._move(record, JobState.INTERRUPTED,
+                               f"The app stopped while this job was {record.state}. {_resume_point(record)}")
                 self._records[record.id] = record
                 self._progress[record.id] = progress
 
@@ -198,7 +201,8 @@ class JobManager:
             self.library.ensure_free(cfg.style_name)
             for other in self._records.values():
                 if other.style_name == cfg.style_name and other.state in ACTIVE:
-                    raise ValueError(f"A job for a style named {cfg.style_name!r} is already {other.state}; pick another name.")
+                    raise ValueError(f"A job for a style named {cfg.style_name!r} is already {other.state}; "
+                                     "pick another name.")
             job_id = self._next_id()
             record = JobRecord(job_id, cfg.style_name, cfg.to_dict(), self.model, total_steps=cfg.steps,
                                skipped=images.skipped_lines())
@@ -241,7 +245,8 @@ class JobManager:
             if state is None:
                 raise ValueError(f"Job {job_id} has no checkpoint to keep (it stopped before the first one).")
             name = style_name or record.style_name
-            path = self.library.save(name, checkpoint_adapter(state, name).to_bytes(), thumbnail=self._thumbnail(job_id))
+            path = self.library.save(name, checkpoint_adapter(state, name).to_bytes(),
+                                     thumbnail=self._thumbnail(job_id))
             self._move(record, JobState.FINISHED, f"Kept the checkpoint at step {state.step} as style {name!r}.",
                        style_path=str(path))
             shutil.rmtree(self._dir(job_id) / "checkpoints", ignore_errors=True)
@@ -356,12 +361,14 @@ class JobManager:
                     record.checkpoint_step = event.step
                     self._write(record)
                 elif isinstance(event, Finished):  # the child saved the style
-                    self._move(record, JobState.FINISHED, f"Style {event.style_name!r} is ready after {event.steps_done} steps.",
+                    self._move(record, JobState.FINISHED,
+                               f"Style {event.style_name!r} is ready after {event.steps_done} steps.",
                                style_path=str(self.library.path_for(event.style_name)))
                     # The style holds the result; checkpoints only served a resume (the images stay as the record).
                     shutil.rmtree(self._dir(record.id) / "checkpoints", ignore_errors=True)
                 elif isinstance(event, Cancelled):
-                    kept = f"A checkpoint at step {record.checkpoint_step} can be kept as a style or resumed." if event.checkpoint else "Nothing to keep."
+                    kept = (f"A checkpoint at step {record.checkpoint_step} can be kept as a style or resumed."
+                            if event.checkpoint else "Nothing to keep.")
                     self._move(record, JobState.CANCELLED, f"Cancelled at step {event.step}. {kept}")
                 elif isinstance(event, Failed):
                     self._move(record, JobState.FAILED, event.message)
@@ -369,7 +376,8 @@ class JobManager:
         with self._lock:
             if record.state == JobState.RUNNING:  # the child died without a word: killed, or crashed hard
                 self._move(record, JobState.INTERRUPTED,
-                           f"The training process stopped unexpectedly (exit code {job.exitcode}). {_resume_point(record)}")
+                           f"The training process stopped unexpectedly (exit code {job.exitcode}). "
+                           f"{_resume_point(record)}")
 
     def _fail(self, record: JobRecord, message: str) -> None:
         """End a job that could not run as failed: in memory for certain, on disk if the workspace lets us."""
@@ -380,7 +388,8 @@ class JobManager:
                 self._move(record, JobState.FAILED, message)
             except OSError as err:
                 log.error("job %s failed and its record could not be written: %s", record.id, err)
-                record.message += f" Its record could not be written either ({err}); it will read as interrupted after a restart."
+                record.message += (f" Its record could not be written either ({err}); "
+                                   "it will read as interrupted after a restart.")
 
     # -- helpers --------------------------------------------------------------------------
     def _move(self, record: JobRecord, state: JobState, message: str, **changes) -> None:
@@ -409,7 +418,8 @@ class JobManager:
 
     def _queued(self) -> list[JobRecord]:
         """The queue, in the order it runs."""
-        return sorted((r for r in self._records.values() if r.state == JobState.QUEUED), key=lambda r: (r.queued_at, r.id))
+        return sorted((r for r in self._records.values() if r.state == JobState.QUEUED),
+                      key=lambda r: (r.queued_at, r.id))
 
     def _next_id(self) -> str:
         """One more than any job id or job folder: a damaged folder's number is not reused."""

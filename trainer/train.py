@@ -86,7 +86,8 @@ def train(
     tensorboard = log_dir is not None and is_tensorboard_available()
     try:
         # One process unless run by `accelerate launch`; its trackers write TensorBoard logs when asked.
-        accelerator = Accelerator(cpu=device.type == "cpu", log_with="tensorboard" if tensorboard else None, project_dir=log_dir)
+        accelerator = Accelerator(cpu=device.type == "cpu", log_with="tensorboard" if tensorboard else None,
+                                  project_dir=log_dir)
         if tensorboard:
             accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
         state, notes = checkpoints.load_latest() if checkpoints and resume else (None, [])
@@ -148,8 +149,8 @@ def train(
             forward = torch.compile(forward)  # compiles on the first step; the unwrapped unet keeps the weights
         elif cfg.cuda_graphs and device.type == "cuda" and accelerator.num_processes == 1:
             forward = GraphedForward(forward)  # captured at the first step (DDP's collectives would need more care)
-        style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash, "num_images": str(len(images)),
-                      "processes": str(accelerator.num_processes)}
+        style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash,
+                      "num_images": str(len(images)), "processes": str(accelerator.num_processes)}
 
         def save_checkpoint(done: int) -> Checkpoint | None:
             if not checkpoints:
@@ -166,7 +167,8 @@ def train(
             return Checkpoint(done, str(path))
 
         def stop_asked() -> bool:
-            """Whether to stop now; all processes agree, so they stop at the same step (their collectives must match)."""
+            """Whether to stop now; all processes agree, so they stop at the same step
+            (their collectives must match)."""
             asked = stop is not None and stop.is_set()
             if accelerator.num_processes == 1:
                 return asked
@@ -187,14 +189,17 @@ def train(
             eps = torch.randn(latent_mean[batch].shape, generator=generator)
             latents = (latent_mean[batch] + latent_std[batch] * eps) * pipe.vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
+            timesteps = torch.randint(
+                noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator
+            )
             cond = conditioning[batch]
             if cfg.caption_dropout:
                 dropped = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
                 cond = cond.with_dropout(dropped, empty)
             try:
                 loss = diffusion_loss(
-                    forward, noise_scheduler, latents.to(device), cond.to(device), noise.to(device), timesteps.to(device), base.dtype
+                    forward, noise_scheduler, latents.to(device), cond.to(device), noise.to(device),
+                    timesteps.to(device), base.dtype
                 )
                 accelerator.backward(loss)
             except torch.OutOfMemoryError:
@@ -421,7 +426,9 @@ def encode_sdxl_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.T
     both encoders' penultimate hidden states side by side, and the second encoder's projection.
     """
     chunks = [
-        pipe.encode_prompt(prompts[i : i + ENCODE_BATCH], device=pipe.text_encoder_2.device, do_classifier_free_guidance=False)
+        pipe.encode_prompt(
+            prompts[i : i + ENCODE_BATCH], device=pipe.text_encoder_2.device, do_classifier_free_guidance=False
+        )
         for i in range(0, len(prompts), ENCODE_BATCH)
     ]
     text = torch.cat([chunk[0] for chunk in chunks])
