@@ -39,13 +39,14 @@ def _require_browser():
         pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    """A Chromium page on a fresh app; yields (page, workspace)."""
+@pytest.fixture
+def page(tmp_path):
+    """A Chromium page on a fresh app in a workspace of its own; yields (page, workspace)."""
     _require_browser()
     from playwright.sync_api import sync_playwright
 
-    workspace = tmp_path_factory.mktemp("workspace")
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
     process, _, url = start_app(workspace)
     try:
         with sync_playwright() as playwright:
@@ -103,9 +104,11 @@ def test_upload_train_blend_two_sliders_generate_and_download(page, tmp_path):
     from playwright.sync_api import expect
 
     from core.files import read_safetensors_header
-    from tests.conftest import pattern_image
+    from styles.library import StyleLibrary
+    from tests.conftest import pattern_image, train_style
 
     expect.set_options(timeout=STEP_TIMEOUT_MS)
+    train_style(StyleLibrary(workspace), "sunset", seed=3)  # a style already in the library: the page picks it up
     uploads = []
     for i in range(4):
         uploads.append(tmp_path / f"zig{i}.png")
@@ -114,7 +117,6 @@ def test_upload_train_blend_two_sliders_generate_and_download(page, tmp_path):
     # Train: upload, name, a short run (Advanced: steps), Train; the job ends finished.
     page.get_by_role("tab", name="Train").click()
     files = page.locator("#training-files")
-    files.get_by_role("button", name="Clear").click()  # the example's images from the test before
     files.locator("input[type=file]").set_input_files([str(p) for p in uploads])
     expect(files.get_by_text("zig3")).to_be_visible()
     expect(files.get_by_text("zig0")).to_be_visible()
@@ -123,12 +125,12 @@ def test_upload_train_blend_two_sliders_generate_and_download(page, tmp_path):
     page.locator("#advanced-steps textarea").fill("30")
     page.get_by_label("Quick").check()
     page.get_by_role("button", name="Train", exact=True).click()
-    expect(page.get_by_text(re.compile(r"Job 0002 · zigzag"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"Job 0001 · zigzag"))).to_be_visible()
     _screenshot(page, "train-tab-uploaded-submitted")
-    expect(page.get_by_text(re.compile(r"Job 0002 · zigzag · finished"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"Job 0001 · zigzag · finished"))).to_be_visible()
     _screenshot(page, "train-tab-uploaded-finished")
 
-    # Generate: one slider per style (the kept 'sunset' and the new 'zigzag'); move both, generate.
+    # Generate: one slider per style (the library's 'sunset' and the new 'zigzag'); move both, generate.
     page.get_by_role("tab", name="Generate").click()
     for name, value in (("sunset", "0.8"), ("zigzag", "-0.5")):
         number = page.get_by_label(f"number input for {name}")
