@@ -148,8 +148,9 @@ def unet_hash(unet: torch.nn.Module) -> str:
     for name, tensor in sorted(unet.state_dict().items()):
         digest.update(name.encode())
         # Flattened before the byte view: a channels-last 1x1 conv weight counts as contiguous with a last
-        # stride > 1, which view(uint8) refuses. The bytes are the same row-major ones either way.
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # stride > 1, which view(uint8) refuses. The bytes are the same row-major ones either way. The
+        # array's own buffer is hashed, not a bytes copy of it.
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
 
 
