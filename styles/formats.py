@@ -30,27 +30,6 @@ from styles import kohya
 from styles.metadata import LORA_METADATA_KEY, OUR_PREFIX, UNET_PREFIX, lora_config, style_info
 
 
-def encode_style(
-    unet_lora_state: dict[str, torch.Tensor],
-    rank: int,
-    alpha: float,
-    target_modules: list[str],
-    info: dict[str, str],
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a style file from a peft UNet state dict (keys without 'unet.')."""
-    tensors = {
-        UNET_PREFIX + key: value.detach().to("cpu", torch.float32).contiguous()
-        for key, value in unet_lora_state.items()
-    }
-    lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules)}
-    metadata = {
-        "format": "pt",
-        LORA_METADATA_KEY: json.dumps({UNET_PREFIX + k: v for k, v in lora_config.items()}, sort_keys=True),
-        **{OUR_PREFIX + key: value for key, value in info.items()},
-    }
-    return tensors, metadata
-
-
 @dataclass
 class StyleAdapter:
     """A style's LoRA weights and what its file records about them: what train() hands back, and what an import reads.
@@ -74,7 +53,13 @@ class StyleAdapter:
 
     def to_bytes(self) -> bytes:
         """The style file: safetensors in the diffusers layout, with diffusers' and our metadata."""
-        tensors, metadata = encode_style(self.tensors, self.rank, self.alpha, self.target_modules, self.info)
+        lora_config = {"r": self.rank, "lora_alpha": self.alpha, "target_modules": sorted(self.target_modules)}
+        metadata = {
+            "format": "pt",
+            LORA_METADATA_KEY: json.dumps({UNET_PREFIX + k: v for k, v in lora_config.items()}, sort_keys=True),
+            **{OUR_PREFIX + key: value for key, value in self.info.items()},
+        }
+        tensors = {UNET_PREFIX + key: value for key, value in self.tensors.items()}  # fp32 on the CPU already
         return safetensors.torch.save(tensors, metadata=metadata)
 
 
@@ -114,7 +99,7 @@ UNSUPPORTED_PARTS = {  # key fragments of adapter kinds that are not LoRA, with 
 class ImportedAdapter:
     """The UNet attention LoRA of a foreign file, normalised to one rank and alpha, and what was left out."""
 
-    tensors: dict[str, torch.Tensor]  # peft's layout: <module>.lora_A/B.weight (encode_style adds 'unet.')
+    tensors: dict[str, torch.Tensor]  # peft's layout: <module>.lora_A/B.weight (no 'unet.' prefix)
     rank: int
     alpha: float
     target_modules: list[str]
