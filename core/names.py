@@ -32,3 +32,18 @@ def safe_style_name(text: str) -> str:
     """
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")[:64]
     return name or "imported"
+
+
+def with_trigger(text: str, trigger: str) -> str:
+    """`text` with `trigger` appended after a comma, unless `text` already holds it (as whole words).
+
+    Training captions and generation prompts both go through this (issue 17), so a style is called
+    up at generation by the same words it was trained with.
+
+    >>> with_trigger("a red star", "ink"), with_trigger("Ink, a red star", "ink"), with_trigger("a red star", "")
+    ('a red star, ink', 'Ink, a red star', 'a red star')
+    """
+    trigger = " ".join(trigger.split())
+    if not trigger or re.search(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", text, re.IGNORECASE):
+        return text
+    return f"{text.rstrip().rstrip(',')}, {trigger}" if text.strip() else trigger

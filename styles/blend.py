@@ -28,6 +28,7 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from core.names import with_trigger
 from models.base import Base
 from styles import formats
 from styles.library import StyleInfo, StyleLibrary
@@ -122,14 +123,21 @@ class Blender:
         height: int = 0,
         styles: dict[str, float] | None = None,
         num_images: int = 1,
+        add_triggers: bool = True,
     ) -> list[Image.Image]:
-        """Images for a prompt with the given styles blended in; each carries its recipe in .info."""
+        """Images for a prompt with the given styles blended in; each carries its recipe in .info.
+
+        With `add_triggers`, the trigger word of every style with a non-zero scale is added to the
+        prompt (styles are trained with it in their captions); the recipe records the prompt used.
+        """
         width, height = self._check_size(width), self._check_size(height)
         if not 1 <= int(steps) <= 200:
             raise ValueError(f"Steps must be between 1 and 200, not {steps}.")
         with self._lock:
             try:
                 active = self.apply(styles)  # fusing a blend needs memory too
+                if add_triggers:
+                    prompt = self.prompt_with_triggers(prompt, active)
                 images = self.base.pipe(
                     prompt,
                     negative_prompt=negative_prompt or None,
@@ -162,6 +170,13 @@ class Blender:
             image.info["style_studio"] = json.dumps(recipe, sort_keys=True)
             image.info["parameters"] = a1111_parameters(recipe)
         return images
+
+    def prompt_with_triggers(self, prompt: str, scales: dict[str, float]) -> str:
+        """`prompt` with the trigger word of each style at a non-zero scale appended, unless it is there already."""
+        for name, scale in scales.items():
+            if scale:
+                prompt = with_trigger(prompt, self.library.get(name).trigger)
+        return prompt
 
     @contextmanager
     def lend_base(self) -> Iterator[Base]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.files import read_safetensors_header, staged_folder, write_bytes_atomic
-from core.names import check_style_name, safe_style_name
+from core.names import check_style_name, safe_style_name, with_trigger
 
 
 @pytest.mark.parametrize("name", ["ink", "ink-2", "A_b", "9lives", "x" * 64])
@@ -60,3 +60,20 @@ def test_the_header_reader_refuses_what_is_not_safetensors(tmp_path, data):
     (tmp_path / "x.safetensors").write_bytes(data)
     with pytest.raises(ValueError, match="not a safetensors file"):
         read_safetensors_header(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize(
+    "text, trigger, expected",
+    [
+        ("a red star", "ink", "a red star, ink"),
+        ("ink, a red star", "ink", "ink, a red star"),  # there already: not twice
+        ("A red star in INK", "ink", "A red star in INK"),  # whole words, any case
+        ("a red stink", "ink", "a red stink, ink"),  # part of a word does not count
+        ("a red star,", "ink", "a red star, ink"),
+        ("a red star", "", "a red star"),
+        ("", "ink", "ink"),
+        ("a red star", "my  style", "a red star, my style"),
+    ],
+)
+def test_the_trigger_word_is_added_once(text, trigger, expected):
+    assert with_trigger(text, trigger) == expected

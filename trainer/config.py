@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from core.files import write_text_atomic
-from core.names import ATTENTION_PROJECTIONS, check_style_name
+from core.names import ATTENTION_PROJECTIONS, check_style_name, with_trigger
 
 DEFAULT_CAPTION_TEMPLATE = "an image in the style of {trigger}"
 DEFAULT_TARGET_MODULES = ATTENTION_PROJECTIONS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULES = ("constant", "cosine")
+KEEP_CHOICES = ("best", "last")
 # the choices of an on/off field: the UI shows a drop-down whose empty value means the preset's
 BOOLEANS = (True, False)
 
@@ -40,6 +41,11 @@ class TrainConfig:
     trigger: str = _field("", "Word that calls the style up in prompts; defaults to the style name.")
     caption_template: str = _field(
         DEFAULT_CAPTION_TEMPLATE, "Caption for images without a .txt file; {trigger} is replaced by the trigger word."
+    )
+    auto_caption: bool = _field(
+        True, "Caption the images that have no .txt caption with the base model's captioner, so the style learns "
+        "the look rather than the objects; off, or with no captioner available, they get the caption template.",
+        choices=BOOLEANS,
     )
     rank: int = _field(
         8, "LoRA rank: capacity of the adapter (file size grows with it).", minimum=1, maximum=256, step=1
@@ -76,8 +82,18 @@ class TrainConfig:
     sample_every: int = _field(
         100, "Render the samples every this many steps (0: only at the end).", minimum=0, maximum=100_000, step=1
     )
+    validation_prompts: int = _field(
+        4, "Held-out content prompts (none of them a training caption) drawn with fixed seeds and scored at every "
+        "checkpoint and at the end: how much of the style shows on new content (0: no validation).",
+        minimum=0, maximum=16, step=1,
+    )
+    keep: str = _field(
+        "best", "Which adapter the finished style is: best, the checkpoint with the best validation score; "
+        "or last, the last step.", choices=KEEP_CHOICES,
+    )
     checkpoint_every: int = _field(
-        100, "Save a checkpoint (to resume from) every this many steps (0: never).", minimum=0, maximum=100_000, step=1
+        100, "Save a checkpoint (to resume from) and validate every this many steps (0: only at the end).",
+        minimum=0, maximum=100_000, step=1,
     )
     keep_checkpoints: int = _field(3, "How many of the newest checkpoints to keep.", minimum=1, maximum=100, step=1)
     # Memory and speed (issue 5). Frozen weights in bf16/fp16, cached latents and text embeddings and
@@ -117,9 +133,14 @@ class TrainConfig:
         return self.trigger.strip() or self.style_name
 
     def caption_for(self, caption: str | None) -> str:
-        """The caption used for an image: its own text, else the template with the trigger filled in."""
+        """The caption trained on: the image's content caption with the trigger word added (as the
+        Generate tab adds it to prompts, issue 17), else the template with the trigger filled in.
+
+        >>> TrainConfig(style_name="ink").caption_for("a red star on a blue background")
+        'a red star on a blue background, ink'
+        """
         if caption and caption.strip():
-            return caption.strip()
+            return with_trigger(caption.strip(), self.trigger_word)
         return self.caption_template.replace("{trigger}", self.trigger_word)
 
     def validate(self) -> TrainConfig:
@@ -241,16 +262,33 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "Balanced"
 
+# Starting points per base-model family, under the presets (issue 17). The dataclass defaults are
+# the embedded model's, chosen by `python -m bench.style_fidelity`; on the real families that bench
+# cannot run here, so they follow the community's defaults: learning rate 1e-4 and one image per
+# step at the native resolution (diffusers' LoRA training guide, docs/source/en/training/lora.md,
+# and examples/text_to_image/README_sdxl.md), rank 16 with alpha half the rank (kohya sd-scripts,
+# docs/train_network_README: "network_alpha ... half of network_dim" is the usual advice), and
+# about 1500 steps for a 10-50 image set (kohya's repeats x epochs for such sets). A validation
+# draws 4 images at full size, so it runs every 250 steps rather than every 100.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    family: {"learning_rate": 1e-4, "batch_size": 1, "rank": 16, "alpha": 8.0, "steps": 1500,
+             "checkpoint_every": 250, "sample_every": 250}
+    for family in ("sd1", "sd2", "sdxl")
+}
 
-def make_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a preset plus explicit overrides (overrides win).
 
+def make_config(preset: str = DEFAULT_PRESET, family: str | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a family's defaults, a preset on top, and explicit overrides on top of both.
+
+    `family` is the base model's ("sd1", "sd2", "sdxl"); None or "embedded" for the embedded model.
     >>> make_config("Quick", style_name="ink", steps=10).steps
     10
+    >>> make_config("Balanced", family="sdxl").learning_rate
+    0.0001
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    return TrainConfig.from_dict({**PRESETS[preset], **overrides})
+    return TrainConfig.from_dict({**FAMILY_DEFAULTS.get(family or "", {}), **PRESETS[preset], **overrides})
 
 
 def config_fields() -> list[dataclasses.Field]:
