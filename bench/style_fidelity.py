@@ -1,113 +1,176 @@
-"""Does a trained style show up, in proportion to its slider, and leave the content alone?
+"""Does a trained style carry over to new content, in proportion to its slider?  (issue 17)
 
-    python -m bench.style_fidelity            # about 12 minutes on 2 CPU cores
+    python -m bench.style_fidelity              # both training seeds; about 35 minutes on 2 CPU cores
+    python -m bench.style_fidelity --seeds 0    # one seed, half the time
 
-For each example style (embedded/examples.py): train it with the default preset, then draw the
-content of its training captions with fixed seeds at several scales and
-measure the style distance between those images and the style's training images; and draw a fixed
-grid of one-object prompts to check that the colour asked for survives. Then blend two styles.
+For each example style (embedded/examples.py), trained with the default preset twice: with its
+captions, and as a user's upload without any .txt caption (auto-captioned as the app does). Then
+it draws a fixed set of one-object prompts that never appear in any example's training data (new
+shape / colour / background combinations), with the style applied as the app applies it by
+default (its trigger word added to the prompt), at scales 0, 0.25, 0.5, 0.75 and 1. Reported:
 
-Style distance (set to set, so the particular objects drawn average out): the distance between the
-sets' mean colour histograms plus that between their mean Gram matrices of fixed filter responses
-(edges, lines, dots, at three scales), each relative to the reference's length and estimated
-without bias, so that two sets of the same style are about 0 apart (printed as a check). Reported:
-- style shift = 1 - d(scale 1) / d(scale 0)                       floor: >= 0.5 for every style
-- d falls monotonically as the scale grows (0, 0.25, ..., 1)
-- content: the object colour asked for is read back at scale 1 about as often as at scale 0
-  (for styles that do not recolour, i.e. textures and lines)
-- blending styles A and B at (s, 1 - s) moves monotonically from B to A
-- training time with the default preset                            floor: < 3 minutes
-Prints one table, writes a picture grid (styles by scales).
+- held-out shift = 1 - d(scale 1) / d(scale 0), d the style distance (trainer/fidelity.py) to a
+  reference set of the style (its transform on 48 random scenes, none of them training images)
+                                                                       floor: >= 0.5 for every style
+- ceiling: the shift of a perfect transfer, the style's own transform applied to the base's
+  pictures of the held-out prompts; and the noise floor: d between the two halves of the reference
+- paired shift: each picture against its own ideal (its scale-0 picture passed through the style's
+  transform), so drawing training-like content instead of the prompt cannot score
+- monotonic: d falls as the scale grows                                floor: yes
+- content kept: the object colour asked for, read back at scale 1 vs scale 0 (styles that do not
+  recolour)                                                            floor: within 5 points
+- train caps: the old measure (the training captions drawn, against the training images), beside it
+- blend: styles A and B at (s, 1 - s) on the held-out prompts, d to A falls and d to B rises
+- training time with the default preset, auto-captioning included      floor: < 3 minutes
+Prints one table and writes a picture grid (styles by scales, held-out prompts).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
-from bench.embedded_quality import draw, seen_scenes
+from bench.embedded_quality import draw
 from embedded import scenes
-from embedded.examples import EXAMPLE_SIZE, EXAMPLES
+from embedded.examples import EXAMPLE_SEED, EXAMPLES, Example
 from models.base import load_base
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS, Blender
 from styles.library import StyleLibrary
 from trainer.config import DEFAULT_PRESET, make_config, parse_overrides
 from trainer.data import ImageSet
-from trainer.events import Finished
+from trainer.events import Finished, Started
+from trainer.fidelity import monotonic, paired_distance, shift, style_distance
 from trainer.train import train
 
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
-GRID_PROMPTS = 24
-COLOUR_BINS = 4  # per channel: a 64-bin joint RGB histogram
-GRAM_SCALES = (1, 2, 4)  # the filters run on the image and on 2x and 4x averaged copies: fine and coarse texture
-
-# Fixed 3x3 filters on luminance: horizontal and vertical edges, the two diagonals, a spot (dot) detector.
-FILTERS = torch.tensor(
-    [
-        [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]],
-        [[-1, -2, -1], [0, 0, 0], [1, 2, 1]],
-        [[0, 1, 2], [-1, 0, 1], [-2, -1, 0]],
-        [[2, 1, 0], [1, 0, -1], [0, -1, -2]],
-        [[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]],
-    ],
-    dtype=torch.float32,
-)[:, None] / 8
+HELD_OUT_COUNT = 24
+HELD_OUT_SEED = 2026  # the prompts; image i of every set has seed i
+REFERENCE_SIZE = 48
+REFERENCE_SEED = EXAMPLE_SEED + 1000  # other scenes than the training images'
 
 
-def colour_features(image: Image.Image) -> np.ndarray:
-    """Joint RGB histogram: which colours the picture is made of, and how much of each."""
-    pixels = np.minimum(np.asarray(image.convert("RGB")).reshape(-1, 3) // (256 // COLOUR_BINS), COLOUR_BINS - 1)
-    index = (pixels[:, 0] * COLOUR_BINS + pixels[:, 1]) * COLOUR_BINS + pixels[:, 2]
-    return np.bincount(index, minlength=COLOUR_BINS**3) / len(index)
+def held_out_scenes(count: int = HELD_OUT_COUNT, seed: int = HELD_OUT_SEED) -> list[scenes.Scene]:
+    """One-object scenes whose (shape, colour, background) no example trains on, in pairs the base knows.
 
-
-def texture_features(image: Image.Image) -> np.ndarray:
-    """Gram matrices of the fixed filters' responses at three scales: edges, lines, dots and how they co-occur."""
-    luminance = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255)[None, None]
-    grams = []
-    for scale in GRAM_SCALES:
-        pooled = torch.nn.functional.avg_pool2d(luminance, scale) if scale > 1 else luminance
-        responses = torch.nn.functional.conv2d(pooled, FILTERS).flatten(1)  # filters x pixels
-        grams.append((responses @ responses.T / responses.shape[1]).flatten().numpy())
-    return np.concatenate(grams)
-
-
-def set_distance(features: np.ndarray, reference: np.ndarray) -> float:
-    """Distance between the two sets' mean features, relative to the reference mean's length.
-
-    It uses the unbiased estimate of the squared distance (the linear-kernel MMD^2 that KID also
-    uses): cross terms only, no image paired with itself. A plain distance between 24-image means
-    stays well above 0 for two sets of the same style, which capped any measured shift; this one
-    is about 0 for them.
+    Pairs kept out of pretraining (scenes.HELD_OUT) are left out too: the base draws them less
+    reliably, and this measures the style, not the base.
     """
-    n, m = len(features), len(reference)
-    within_a = (features.sum(0) @ features.sum(0) - (features * features).sum()) / (n * (n - 1))
-    within_b = (reference.sum(0) @ reference.sum(0) - (reference * reference).sum()) / (m * (m - 1))
-    across = features.mean(0) @ reference.mean(0)
-    squared = within_a + within_b - 2 * across
-    return float(np.sqrt(max(squared, 0.0)) / np.linalg.norm(reference.mean(0)))
+    trained = {(s.shape, s.colour, s.background) for example in EXAMPLES.values() for s, _, _ in example.scenes()}
+    rng = random.Random(seed)
+    result = []
+    while len(result) < count:
+        shape, colour, background = rng.choice(scenes.SHAPES), rng.choice(list(scenes.COLOURS)), rng.choice(
+            list(scenes.COLOURS))
+        if colour == background or (shape, colour) in scenes.HELD_OUT or (shape, colour, background) in trained:
+            continue
+        scene = scenes.Scene(shape, colour, background, size=rng.choice(["small", "", "big"]),
+                             position=rng.choice(list(scenes.POSITIONS)))
+        if scene not in result:
+            result.append(scene)
+    return result
 
 
-def style_distance(images: list[Image.Image], reference: list[Image.Image]) -> float:
-    """Colour distance + texture distance between a set of images and a style's training images."""
-    return sum(
-        set_distance(np.stack([features(i) for i in images]), np.stack([features(i) for i in reference]))
-        for features in (colour_features, texture_features)
-    )
+def object_mask(image: Image.Image) -> Image.Image:
+    """Pixels that differ clearly from the border's median colour: the drawn objects, as an "L" mask."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    edge = max(1, pixels.shape[0] // 16)
+    border = np.concatenate([pixels[:edge].reshape(-1, 3), pixels[-edge:].reshape(-1, 3),
+                             pixels[:, :edge].reshape(-1, 3), pixels[:, -edge:].reshape(-1, 3)])
+    stands_out = np.linalg.norm(pixels - np.median(border, axis=0), axis=2) > 60
+    return Image.fromarray(stands_out.astype(np.uint8) * 255, "L").filter(ImageFilter.MedianFilter(3))
+
+
+def ideal(example: Example, image: Image.Image) -> Image.Image:
+    """What a perfect transfer makes of a base picture: the style's own transform applied to it."""
+    return example.transform(image.convert("RGB"), object_mask(image))
 
 
 def colour_right(images: list[Image.Image], scene_list: list[scenes.Scene]) -> float:
     return float(np.mean([scenes.read_colours(image)[1] == scene.colour for image, scene in zip(images, scene_list)]))
 
 
-def monotonic(values: list[float], decreasing: bool = True) -> bool:
-    pairs = zip(values, values[1:])
-    return all(b <= a for a, b in pairs) if decreasing else all(b >= a for a, b in pairs)
+@dataclass
+class Setting:
+    example: Example
+    captioned: bool  # with its .txt captions, or uploaded without (auto-captioned)
+    seed: int
+
+    @property
+    def style_name(self) -> str:
+        return f"{self.example.name}-{'cap' if self.captioned else 'nocap'}-s{self.seed}"
+
+
+def train_setting(blender: Blender, library: StyleLibrary, setting: Setting, overrides: dict) -> tuple[float, str]:
+    """Train one setting's style into the library as the app would; (seconds, caption note)."""
+    pairs = setting.example.images()
+    # A user's upload has no .txt files: its captions are None, and train() captions them as the app does.
+    captions = [c if setting.captioned else None for _, c in pairs]
+    names = [f"{setting.example.name}{i}" for i in range(len(pairs))]
+    images = ImageSet([image for image, _ in pairs], captions, names)
+    cfg = make_config(DEFAULT_PRESET, **{"num_samples": 0, **overrides}, style_name=setting.style_name,
+                      trigger=setting.example.name, seed=setting.seed)
+    started, note, last = time.perf_counter(), "own captions", None
+    with blender.lend_base() as plain:  # the blender's pipeline, with no style in it, for the run
+        for last in train(cfg, images, plain):
+            if isinstance(last, Started) and not setting.captioned:
+                note = " ".join(last.notes)
+    if not isinstance(last, Finished):
+        raise SystemExit(f"training {setting.style_name} failed: {last}")
+    library.save(setting.style_name, last.adapter.to_bytes(), overwrite=True)
+    return time.perf_counter() - started, note
+
+
+class Drawer:
+    """Draws prompt sets with a blend applied as the app applies it (trigger words added), seed i for image i."""
+
+    def __init__(self, blender: Blender):
+        self.blender = blender
+
+    def __call__(self, prompts: list[str], styles: dict[str, float]) -> list[Image.Image]:
+        active = self.blender.apply(styles)
+        prompts = [self.blender.prompt_with_triggers(prompt, active) for prompt in prompts]
+        return draw(self.blender.base.pipe, prompts, 0, DEFAULT_STEPS, DEFAULT_GUIDANCE)
+
+
+def measure(drawer: Drawer, setting: Setting, held_out: list[scenes.Scene], base_images: list[Image.Image],
+            reference: list[Image.Image]) -> dict:
+    """Every held-out figure of one trained style (see the module docstring)."""
+    example, name = setting.example, setting.style_name
+    prompts = [scene.caption() for scene in held_out]
+    drawn = {s: drawer(prompts, {name: s}) if s else base_images for s in SCALES}
+    distances = [style_distance(drawn[s], reference) for s in SCALES]
+    ideals = [ideal(example, image) for image in base_images]
+    rng = random.Random(HELD_OUT_SEED)
+    renders = [scenes.render(scene, rng) for scene in held_out]  # the held-out prompts, drawn perfectly
+    perfect = [example.transform(image, mask) for image, mask in renders]
+    # The old measure, beside it: the training captions drawn, against the training images.
+    training = example.images()
+    train_prompts, train_images = [c for _, c in training], [i for i, _ in training]
+    train_d = [style_distance(drawer(train_prompts, {name: s}), train_images) for s in (0.0, 1.0)]
+    return {
+        "setting": setting,
+        "d": distances,
+        "shift": shift(distances[-1], distances[0]),
+        "ceiling": shift(style_distance(perfect, reference), style_distance([i for i, _ in renders], reference)),
+        "paired": shift(paired_distance(drawn[1.0], ideals), paired_distance(base_images, ideals)),
+        "monotonic": monotonic(distances),
+        "colour0": colour_right(base_images, held_out),
+        "colour1": colour_right(drawn[1.0], held_out),
+        "train_shift": shift(train_d[1], train_d[0]),
+        "images": drawn,
+    }
+
+
+def noise_floor(reference: list[Image.Image]) -> float:
+    half = len(reference) // 2
+    return style_distance(reference[:half], reference[half:])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
     parser.add_argument("--workspace", default="bench/out/fidelity", help="where the trained styles go (replaced)")
     parser.add_argument("--grid", default="bench/results/style_grid.png", help="picture grid to write")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (report two)")
+    parser.add_argument("--styles", nargs="+", default=list(EXAMPLES), choices=list(EXAMPLES))
+    parser.add_argument("--modes", nargs="+", default=["captions", "upload"], choices=["captions", "upload"],
+                        help="captions: the examples' own .txt captions; upload: no .txt, auto-captioned")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="a TrainConfig field on top of the default preset, e.g. --set learning_rate=2e-4")
     args = parser.parse_args(argv)
@@ -125,86 +192,81 @@ def main(argv: list[str] | None = None) -> None:
     for name in library.names():
         library.delete(name)
     blender = Blender(base, library)
+    drawer = Drawer(blender)
+    held_out = held_out_scenes()
+    prompts = [scene.caption() for scene in held_out]
+    base_images = drawer(prompts, {})
+    references = {name: [image for image, _ in EXAMPLES[name].images(REFERENCE_SIZE, REFERENCE_SEED)]
+                  for name in args.styles}
 
-    def draw_styled(prompts: list[str], styles: dict[str, float]) -> list[Image.Image]:
-        blender.apply(styles)
-        return draw(base.pipe, prompts, 0, DEFAULT_STEPS, DEFAULT_GUIDANCE)  # image i always has seed i
-
-    # Content check and picture grid: one centred object per prompt, so its colour can be read back.
-    scene_list = seen_scenes(GRID_PROMPTS, seed=11)
-    content_prompts = [scene.caption() for scene in scene_list]
-    content_base = draw_styled(content_prompts, {})
-    rows, training_sets, grid_rows = [], {}, []
-    for name, example in EXAMPLES.items():
-        pairs = example.images()
-        training_sets[name] = [image for image, _ in pairs]
-        cfg = make_config(DEFAULT_PRESET, **overrides, style_name=name, num_samples=0)
-        images = ImageSet(training_sets[name], [c for _, c in pairs], [f"{name}{i}" for i in range(len(pairs))])
-        started = time.perf_counter()
-        last = None
-        with blender.lend_base() as plain:  # the blender's pipeline, with no style in it, for the run
-            for last in train(cfg, images, plain):
-                pass
-        seconds = time.perf_counter() - started
-        if not isinstance(last, Finished):
-            raise SystemExit(f"training {name} failed: {last}")
-        library.save(name, last.adapter.to_bytes())
-        # The distance is measured on the training images' own content (their captions), so what
-        # differs between the sets is the look, not which objects were drawn.
-        prompts = [caption for _, caption in pairs]
-        distances = [style_distance(draw_styled(prompts, {name: s}), training_sets[name]) for s in SCALES]
-        content = {s: draw_styled(content_prompts, {name: s}) if s else content_base for s in (0.0, 0.5, 1.0)}
-        rows.append(
-            {
-                "style": f"{name} ({example.kind})",
-                "train_s": seconds,
-                "d": distances,
-                "shift": 1 - distances[-1] / distances[0],
-                "monotonic": monotonic(distances),
-                "colour0": colour_right(content[0.0], scene_list),
-                "colour1": colour_right(content[1.0], scene_list),
-                "recolours": example.recolours,
-            }
-        )
-        grid_rows.append([content[s] for s in (0.0, 0.5, 1.0)])
-
-    # Blend the first two styles: A at s, B at 1 - s. Each distance is measured on its own style's
-    # training captions, as above, so that it compares looks rather than which objects were drawn.
-    a, b = list(EXAMPLES)[:2]
-    captions = {name: [caption for _, caption in EXAMPLES[name].images()] for name in (a, b)}
-    blend_d = []
-    for s in SCALES:
-        weights = {a: s, b: 1 - s}
-        blend_d.append(tuple(style_distance(draw_styled(captions[x], weights), training_sets[x]) for x in (a, b)))
+    rows = []
+    for seed in args.seeds:
+        for name in args.styles:
+            for mode in args.modes:
+                setting = Setting(EXAMPLES[name], mode == "captions", seed)
+                seconds, note = train_setting(blender, library, setting, overrides)
+                row = measure(drawer, setting, held_out, base_images, references[name])
+                rows.append({**row, "train_s": seconds, "note": note})
+                print(f"  {setting.style_name}: trained in {seconds:.0f} s ({note}); held-out shift "
+                      f"{row['shift']:.2f}, paired {row['paired']:.2f}", flush=True)
 
     cfg = make_config(DEFAULT_PRESET, **overrides)
-    print(f"Style fidelity: {DEFAULT_PRESET} preset ({cfg.steps} steps, rank {cfg.rank}, lr {cfg.learning_rate:g}), "
-          f"{EXAMPLE_SIZE} prompts per distance, {len(content_prompts)} for colour, "
+    print(f"\nStyle fidelity on {len(prompts)} held-out prompts: {DEFAULT_PRESET} preset ({cfg.steps} steps, rank "
+          f"{cfg.rank}, lr {cfg.learning_rate:g}, targets {', '.join(cfg.target_modules)}), "
           f"{torch.get_num_threads()} CPU threads")
-    header = "".join(f"{'d@' + format(s, 'g'):>7s}" for s in SCALES)
-    print(f"{'style':20s}{'train':>8s}{header}{'shift':>8s}{'monotonic':>11s}{'colour right @0 -> @1':>24s}")
-    ok = True
-    for row in rows:
-        colour = f"{row['colour0']:.0%} -> {row['colour1']:.0%}" + (" (recolours)" if row["recolours"] else "")
-        print(f"{row['style']:20s}{row['train_s']:7.0f}s" + "".join(f"{d:7.3f}" for d in row["d"])
-              + f"{row['shift']:8.2f}{str(row['monotonic']):>11s}{colour:>24s}")
-        ok &= row["shift"] >= 0.5 and row["monotonic"] and row["train_s"] < 180
-        ok &= row["recolours"] or row["colour1"] >= row["colour0"] - 0.1
-    towards_a = monotonic([d for d, _ in blend_d]) and monotonic([d for _, d in blend_d], decreasing=False)
-    print(f"blend {a} at s, {b} at 1-s: d to {a} " + " ".join(f"{d:.3f}" for d, _ in blend_d)
-          + f" | d to {b} " + " ".join(f"{d:.3f}" for _, d in blend_d) + f" | monotonic: {towards_a}")
-    ok &= towards_a
-    print("d = 0 means within the sampling noise of the style's own images.")
-    print("floors (shift >= 0.5, monotonic, content kept, blend monotonic, training < 3 min):",
-          "met" if ok else "NOT met")
-
+    ok = print_table(rows, references)
+    ok &= print_blend(drawer, library, rows, prompts, references)
+    print("floors (held-out shift >= 0.5, monotonic, colour kept within 5 points, blend monotonic, "
+          "training < 3 min):", "met" if ok else "NOT met")
     if args.grid:
-        save_grid(grid_rows, Path(args.grid))
+        save_grid([[row["images"][s] for s in (0.0, 0.5, 1.0)] for row in rows if row["setting"].seed == args.seeds[0]],
+                  Path(args.grid))
         print("grid:", args.grid)
 
 
+def print_table(rows: list[dict], references: dict[str, list[Image.Image]]) -> bool:
+    header = "".join(f"{'d@' + format(s, 'g'):>7s}" for s in SCALES)
+    print(f"{'style':22s}{'train':>7s}{header}{'shift':>7s}{'ceil':>6s}{'paired':>8s}{'mono':>6s}"
+          f"{'colour @0->@1':>15s}{'train caps':>11s}")
+    ok = True
+    for row in rows:
+        setting = row["setting"]
+        kept = setting.example.recolours or row["colour1"] >= row["colour0"] - 0.05
+        colour = f"{row['colour0']:.0%}->{row['colour1']:.0%}" + ("" if setting.example.recolours else
+                                                                     " ok" if kept else " !")
+        print(f"{setting.style_name:22s}{row['train_s']:6.0f}s" + "".join(f"{d:7.3f}" for d in row["d"])
+              + f"{row['shift']:7.2f}{row['ceiling']:6.2f}{row['paired']:8.2f}{'yes' if row['monotonic'] else 'NO':>6s}"
+              + f"{colour:>15s}{row['train_shift']:11.2f}")
+        ok &= row["shift"] >= 0.5 and row["monotonic"] and row["train_s"] < 180 and kept
+    floors = ", ".join(f"{name} {noise_floor(reference):.3f}" for name, reference in references.items())
+    print(f"noise floor (d between the two halves of each style's reference set): {floors}")
+    captioners = sorted({row["note"] for row in rows})
+    print("captions:", "; ".join(captioners))
+    return ok
+
+
+def print_blend(drawer: Drawer, library: StyleLibrary, rows: list[dict], prompts: list[str],
+                references: dict[str, list[Image.Image]]) -> bool:
+    """The first two styles of the first setting kind, A at s and B at 1 - s, on the held-out prompts."""
+    first = rows[0]["setting"]
+    pair = [row["setting"] for row in rows if row["setting"].captioned == first.captioned
+            and row["setting"].seed == first.seed][:2]
+    if len(pair) < 2:
+        return True
+    a, b = pair
+    distances = []
+    for s in SCALES:
+        images = drawer(prompts, {a.style_name: s, b.style_name: 1 - s})
+        distances.append([style_distance(images, references[x.example.name]) for x in (a, b)])
+    ok = monotonic([d for d, _ in distances]) and monotonic([d for _, d in distances], decreasing=False)
+    print(f"blend {a.style_name} at s, {b.style_name} at 1-s (s = 0 .. 1): d to {a.example.name} "
+          + " ".join(f"{d:.3f}" for d, _ in distances) + f" | d to {b.example.name} "
+          + " ".join(f"{d:.3f}" for _, d in distances) + f" | monotonic both ways: {'yes' if ok else 'NO'}")
+    return ok
+
+
 def save_grid(grid_rows: list[list[list[Image.Image]]], path: Path, shown: int = 4, zoom: int = 2) -> None:
-    """Rows: styles; columns: scales 0, 0.5, 1; each cell the first `shown` prompts side by side."""
+    """Rows: styles; columns: scales 0, 0.5, 1; each cell the first `shown` held-out prompts side by side."""
     side = grid_rows[0][0][0].width * zoom
     gap = side // 4
     width = len(grid_rows[0]) * (shown * side + gap) - gap

@@ -67,15 +67,19 @@ class Example:
     def images(self, count: int = EXAMPLE_SIZE, seed: int = EXAMPLE_SEED) -> list[tuple[Image.Image, str]]:
         """`count` styled scenes, each captioned with its content only: the same every time.
 
-        The captions leave the style unnamed on purpose: the adapter then learns the look as its
-        own effect, so its slider alone applies it, with or without a trigger word in the prompt.
+        The captions name the content and leave the style unnamed: training adds the trigger word
+        (TrainConfig.caption_for), so the words that differ between images are the content's.
         """
+        return [(self.transform(image, mask), scene.caption()) for scene, image, mask in self.scenes(count, seed)]
+
+    def scenes(self, count: int = EXAMPLE_SIZE, seed: int = EXAMPLE_SEED) -> list[tuple[scenes.Scene, Image.Image,
+                                                                                          Image.Image]]:
+        """The (scene, plain render, object mask) triples that images() styles: what the set shows."""
         rng = random.Random(f"{self.name}:{seed}")
         result = []
         for _ in range(count):
             scene = scenes.random_scene(rng)
-            image, mask = scenes.render(scene, rng)
-            result.append((self.transform(image, mask), scene.caption()))
+            result.append((scene, *scenes.render(scene, rng)))
         return result
 
     def write(self, folder: str | Path) -> list[Path]:

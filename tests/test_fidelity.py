@@ -1,4 +1,5 @@
-"""The style distance used by bench/style_fidelity.py tells styles apart (no model involved)."""
+"""The style distance (trainer/fidelity.py) tells styles apart, and the held-out benchmark's parts do what
+they say (no model involved)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import random
 
 import pytest
 
-from bench.style_fidelity import monotonic, style_distance
+from bench.style_fidelity import held_out_scenes, ideal, object_mask
 from embedded import scenes
 from embedded.examples import EXAMPLES
+from trainer.fidelity import monotonic, paired_distance, shift, style_distance
 
 
 def plain_images(count: int, seed: int) -> list:
@@ -30,3 +32,31 @@ def test_a_style_is_nearer_to_itself_than_plain_scenes_or_other_styles_are(name)
 def test_monotonic():
     assert monotonic([3, 2, 2, 1]) and not monotonic([3, 4, 1])
     assert monotonic([1, 2, 3], decreasing=False)
+
+
+def test_the_held_out_prompts_never_appear_in_any_examples_training_data():
+    trained = {(s.shape, s.colour, s.background) for e in EXAMPLES.values() for s, _, _ in e.scenes()}
+    held_out = held_out_scenes()
+    assert len(held_out) == len(set(held_out)) == 24
+    assert not {(s.shape, s.colour, s.background) for s in held_out} & trained
+    assert all(s.count == 1 and (s.shape, s.colour) not in scenes.HELD_OUT for s in held_out)
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_a_perfect_transfer_scores_near_1_on_the_paired_distance_and_plain_pictures_do_not(name):
+    rng = random.Random(3)
+    plain = [scenes.render(scene, rng)[0] for scene in held_out_scenes(8)]
+    ideals = [ideal(EXAMPLES[name], image) for image in plain]
+    assert paired_distance(ideals, ideals) == 0
+    assert shift(paired_distance(ideals, ideals), paired_distance(plain, ideals)) == 1
+    other = next(o for o in EXAMPLES if o != name)
+    wrong = [ideal(EXAMPLES[other], image) for image in plain]
+    assert paired_distance(wrong, ideals) > 0.5 * paired_distance(plain, ideals)
+
+
+def test_the_object_mask_covers_the_drawn_object():
+    rng = random.Random(4)
+    image, mask = scenes.render(scenes.Scene("square", "red", "blue", size="big"), rng)
+    found = object_mask(image)
+    overlap = sum(1 for a, b in zip(found.getdata(), mask.getdata()) if (a > 127) == (b > 127))
+    assert overlap / (64 * 64) > 0.95
