@@ -4,6 +4,7 @@
     pretrain.py      `python -m embedded.pretrain`: the one command that trains it and writes model/
     scenes.py        procedural captioned scenes, its pretraining data
     examples.py      the example styles a new user can train with one click, made from scenes
+    captioner.py     `python -m embedded.captioner`: a small CNN that captions pictures of its world (captioner/)
     model/           the result: a diffusers folder with recipe.json, loaded like any other model
 
 It is not part of the training engine: `trainer/` trains on it as on any base model. This module
