@@ -37,15 +37,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+import embedded
 from bench.embedded_quality import draw
 from embedded import scenes
 from embedded.examples import EXAMPLE_SEED, EXAMPLES, Example
 from models.base import load_base
+from models.prompts import content_prompts
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS, Blender
 from styles.library import StyleLibrary
 from trainer.config import DEFAULT_PRESET, make_config, parse_overrides
 from trainer.data import ImageSet
-from trainer.events import Finished, Started
+from trainer.events import Finished, Started, Step
 from trainer.fidelity import monotonic, paired_distance, shift, style_distance
 from trainer.train import train
 
@@ -60,9 +62,11 @@ def held_out_scenes(count: int = HELD_OUT_COUNT, seed: int = HELD_OUT_SEED) -> l
     """One-object scenes whose (shape, colour, background) no example trains on, in pairs the base knows.
 
     Pairs kept out of pretraining (scenes.HELD_OUT) are left out too: the base draws them less
-    reliably, and this measures the style, not the base.
+    reliably, and this measures the style, not the base. So are the prompts a job validates on.
     """
     trained = {(s.shape, s.colour, s.background) for example in EXAMPLES.values() for s, _, _ in example.scenes()}
+    # A job's validation prompts choose which checkpoint becomes the style: the test prompts are other ones.
+    validation = set(content_prompts(embedded.EMBEDDED_ID, 16))
     rng = random.Random(seed)
     result = []
     while len(result) < count:
@@ -72,7 +76,7 @@ def held_out_scenes(count: int = HELD_OUT_COUNT, seed: int = HELD_OUT_SEED) -> l
             continue
         scene = scenes.Scene(shape, colour, background, size=rng.choice(["small", "", "big"]),
                              position=rng.choice(list(scenes.POSITIONS)))
-        if scene not in result:
+        if scene not in result and scenes.Scene(shape, colour, background).caption() not in validation:
             result.append(scene)
     return result
 
@@ -121,6 +125,8 @@ def train_setting(blender: Blender, library: StyleLibrary, setting: Setting, ove
         for last in train(cfg, images, plain):
             if isinstance(last, Started) and not setting.captioned:
                 note = " ".join(last.notes)
+            elif isinstance(last, Step) and last.step % 250 == 0:
+                print(f"    {setting.style_name}: step {last.step}, {last.it_per_s:.1f} it/s", flush=True)
     if not isinstance(last, Finished):
         raise SystemExit(f"training {setting.style_name} failed: {last}")
     library.save(setting.style_name, last.adapter.to_bytes(), overwrite=True)

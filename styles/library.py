@@ -36,6 +36,8 @@ class StyleInfo:
     created: str = ""
     config: dict = field(default_factory=dict)
     mtime: float = 0.0
+    steps_done: int | None = None  # the step its weights come from (the best validation, a kept checkpoint)
+    validation_score: float | None = None  # its shift on held-out prompts at that step (trainer/validation.py)
 
     def summary(self) -> dict:
         """A JSON-friendly description, as the API returns it."""
@@ -47,7 +49,8 @@ class StyleInfo:
             "created": self.created,
             "rank": self.config.get("rank"),
             "alpha": self.config.get("alpha") or self.config.get("rank"),
-            "steps": self.config.get("steps"),
+            "steps": self.steps_done if self.steps_done is not None else self.config.get("steps"),
+            "validation_score": self.validation_score,
             "learning_rate": self.config.get("learning_rate"),
         }
 
@@ -100,6 +103,8 @@ class StyleLibrary:
             created=info.get("created", ""),
             config=json.loads(info.get("config", "{}")),
             mtime=path.stat().st_mtime,
+            steps_done=_number(info.get("steps_done"), int),
+            validation_score=_number(info.get("validation_score"), float),
         )
 
     def ensure_free(self, name: str) -> None:
@@ -135,3 +140,11 @@ class StyleLibrary:
         path = self.get(name).path
         path.unlink()
         path.with_suffix(THUMB_SUFFIX).unlink(missing_ok=True)
+
+
+def _number(text: str | None, kind: type):
+    """A metadata value as a number, or None when it is missing or not a number (a hand-edited file)."""
+    try:
+        return kind(text) if text is not None else None
+    except ValueError:
+        return None

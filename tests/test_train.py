@@ -18,7 +18,7 @@ from tests.conftest import pattern_image, save_style, train_style
 from trainer.checkpoints import CheckpointDir
 from trainer.config import LR_SCHEDULES, PRESETS, TrainConfig, make_config
 from trainer.data import ImageSet
-from trainer.events import Cancelled, Failed, Finished, Sample, Started, Step
+from trainer.events import Cancelled, Failed, Finished, Sample, Started, Step, Validation
 from trainer.graphs import UNetForward
 from trainer.train import TRAINING_ADAPTER, diffusion_loss, encode_images, encode_prompts, train
 
@@ -377,3 +377,29 @@ def test_train_speed_bench_refuses_full_size_models_without_a_gpu(capsys):
         pytest.skip("this machine has a GPU")
     assert main(["--arch", "sd15"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def _validated_run(keep: str, steps: int = 6) -> list:
+    from models.base import load_base
+
+    cfg = make_config("Quick", style_name="val", steps=steps, learning_rate=3e-3, num_samples=0, checkpoint_every=2,
+                      validation_prompts=2, keep=keep)
+    return list(train(cfg, _images(), load_base()))
+
+
+def test_every_checkpoint_is_validated_and_the_style_is_the_best_one_unless_last_is_asked():
+    best_run, last_run = _validated_run("best"), _validated_run("last")
+    scores = [(e.step, e.score) for e in best_run if isinstance(e, Validation)]
+    assert [step for step, _ in scores] == [2, 4, 6]
+    assert [(e.step, e.score) for e in last_run if isinstance(e, Validation)] == scores  # same seed, same draws
+    best_step, best_score = max(scores, key=lambda pair: pair[1])
+    best, last = best_run[-1].adapter, last_run[-1].adapter
+    assert best.info["steps_done"] == str(best_step) and float(best.info["validation_score"]) == round(best_score, 4)
+    assert last.info["steps_done"] == "6" and json.loads(last.info["validation_scores"]) == [list(s) for s in scores]
+    # The best adapter is the one the run had at that step: what a run of that many steps ends with.
+    shorter = _validated_run("last", steps=best_step)[-1].adapter
+    assert all(torch.equal(best.tensors[k], shorter.tensors[k]) for k in best.tensors)
+    validation = next(e for e in best_run if isinstance(e, Validation))
+    assert len(validation.images) == 2 and all(p.endswith(", val") for p in validation.prompts)
+    started = best_run[0]
+    assert len(started.captions) == 3 and all(caption.endswith(", val") for caption in started.captions)

@@ -2,11 +2,12 @@
 
     <job folder>/checkpoints/step-000100.safetensors
 
-A checkpoint holds the LoRA weights, AdamW's moments, each process's sampling generator state and, in
-its metadata, the step, the loss history and the optimizer's hyper-parameters. Only tensors and
-JSON: nothing is pickled, so loading a checkpoint can never run code (unlike torch.save or
-accelerate's save_state). Each file is written whole or not at all (temporary file, fsync,
-rename), so a kill at any moment leaves the previous checkpoint intact; old ones are pruned.
+A checkpoint holds the LoRA weights (and those of the best validation so far), AdamW's moments,
+each process's sampling generator state and, in its metadata, the step, the loss and validation
+histories and the optimizer's hyper-parameters. Only tensors and JSON: nothing is pickled, so
+loading a checkpoint can never run code (unlike torch.save or accelerate's save_state). Each file
+is written whole or not at all (temporary file, fsync, rename), so a kill at any moment leaves the
+previous checkpoint intact; old ones are pruned.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from core.files import read_safetensors_header, write_bytes_atomic
 
 NAME = re.compile(r"^step-(\d{6,})\.safetensors$")
 ADAPTER = "adapter."
+BEST = "best."  # the adapter of the best-scoring validation so far (trainer/validation.py)
 MOMENT = "optimizer."
 GENERATOR = "generator_state"  # process 0's; process i > 0 has "generator_state.i"
 
@@ -38,6 +40,9 @@ class TrainingState:
     generators: list[torch.Tensor]  # torch.Generator.get_state() of each data-parallel process, in rank order
     losses: list[float] = field(default_factory=list)  # one per finished step
     info: dict[str, str] = field(default_factory=dict)  # what a style file made from it records (config, base model)
+    scores: list[tuple[int, float]] = field(default_factory=list)  # (step, validation score) so far
+    best_step: int = 0  # the step whose adapter scored best, kept in best_adapter
+    best_adapter: dict[str, torch.Tensor] | None = None
     path: Path | None = None
 
 
@@ -67,6 +72,8 @@ class CheckpointDir:
         for index, moments in optimizer["state"].items():
             for name, value in moments.items():
                 tensors[f"{MOMENT}{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        for k, v in (state.best_adapter or {}).items():
+            tensors[BEST + k] = v.detach().to("cpu", torch.float32).contiguous()
         for rank, generator_state in enumerate(state.generators):
             tensors[GENERATOR + (f".{rank}" if rank else "")] = generator_state.clone()
         metadata = {
@@ -74,6 +81,8 @@ class CheckpointDir:
             "losses": json.dumps(state.losses),
             "param_groups": json.dumps(optimizer["param_groups"]),
             "info": json.dumps(state.info),
+            "scores": json.dumps(state.scores),
+            "best_step": str(state.best_step),
         }
         path = write_bytes_atomic(
             self.folder / f"step-{state.step:06d}.safetensors", safetensors.torch.save(tensors, metadata)
@@ -109,6 +118,7 @@ def load(path: str | Path) -> TrainingState:
     metadata, _ = read_safetensors_header(path)  # refuses a truncated or foreign file before loading
     tensors = safetensors.torch.load_file(str(path))
     adapter = {k[len(ADAPTER):]: v for k, v in tensors.items() if k.startswith(ADAPTER)}
+    best = {k[len(BEST):]: v for k, v in tensors.items() if k.startswith(BEST)}
     moments: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith(MOMENT):
@@ -126,5 +136,8 @@ def load(path: str | Path) -> TrainingState:
         generators=generators,
         losses=json.loads(metadata["losses"]),
         info=json.loads(metadata.get("info", "{}")),
+        scores=[tuple(pair) for pair in json.loads(metadata.get("scores", "[]"))],
+        best_step=int(metadata.get("best_step", 0)),
+        best_adapter=best or None,
         path=path,
     )

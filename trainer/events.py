@@ -17,6 +17,8 @@ class Started:
     resumed_from: int = 0  # the step a resumed run continues after (0: a fresh run)
     losses: list[float] = field(default_factory=list)  # the loss history up to resumed_from
     notes: list[str] = field(default_factory=list)  # e.g. a damaged checkpoint that was passed over
+    captions: list[str] = field(default_factory=list)  # the caption each image is trained with, trigger word included
+    image_names: list[str] = field(default_factory=list)  # the images' names, in the same order
 
 
 @dataclass
@@ -33,6 +35,16 @@ class Step:
 class Sample:
     step: int
     images: list[Any]  # PIL images
+    prompts: list[str]
+
+
+@dataclass
+class Validation:
+    """The held-out validation set drawn with the adapter at `step`, and its score (trainer/validation.py)."""
+
+    step: int
+    score: float  # the style's shift on new content: 0 nothing, 1 as close to the training images as they are
+    images: list[Any]  # PIL images, one per prompt
     prompts: list[str]
 
 
@@ -64,5 +76,5 @@ class Failed:
     message: str
 
 
-Event = Started | Step | Sample | Checkpoint | Cancelled | Finished | Failed
+Event = Started | Step | Sample | Validation | Checkpoint | Cancelled | Finished | Failed
 TERMINAL = (Finished, Failed, Cancelled)

@@ -4,6 +4,9 @@
     workspace/jobs/<id>/images/0000.png (+ .txt)  the training set as it was accepted
     workspace/jobs/<id>/checkpoints/              trainer/checkpoints.py
     workspace/jobs/<id>/samples/                  sample images, as they arrive
+    workspace/jobs/<id>/validation/               the validation set drawn at each checkpoint (step-NNNNNN-i.png)
+    workspace/jobs/<id>/validation.json           [{step, score, images, prompts}, ...], one entry per checkpoint
+    workspace/jobs/<id>/captions.json             {image file: the caption it was trained with}
 
 Every job is a record on disk first, so nothing is lost when the app or the child dies: on start,
 JobManager marks jobs that were queued or running as interrupted, and Resume continues them from
@@ -35,7 +38,7 @@ from trainer.checkpoints import CheckpointDir
 from trainer.child import TrainingJob
 from trainer.config import TrainConfig
 from trainer.data import ImageSet
-from trainer.events import Cancelled, Checkpoint, Failed, Finished, Sample, Started, Step
+from trainer.events import Cancelled, Checkpoint, Failed, Finished, Sample, Started, Step, Validation
 from trainer.train import checkpoint_adapter
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,8 @@ class Progress:
     it_per_s: float = 0.0
     eta_s: float = 0.0
     samples: list[tuple[str, str]] = field(default_factory=list)  # (png path, prompt) of the newest samples
+    # one {"step", "score", "images": [png paths], "prompts"} per validation: the score curve and the sample strips
+    validation: list[dict] = field(default_factory=list)
 
 
 class JobManager:
@@ -181,6 +186,7 @@ class JobManager:
             latest = CheckpointDir(self._dir(record.id) / "checkpoints").latest_progress()
             if latest:
                 record.checkpoint_step, progress.losses = latest
+            progress.validation = _read_validation(self._dir(record.id))
             with self._lock:
                 if problems:
                     reason = (f"Its record has {'; '.join(problems)}: "
@@ -288,7 +294,8 @@ class JobManager:
         last = None
         while True:
             record = self.get(job_id)
-            snapshot = (record.state, record.step, record.message, len(self._progress[job_id].samples))
+            progress = self._progress[job_id]
+            snapshot = (record.state, record.step, record.message, len(progress.samples), len(progress.validation))
             if snapshot != last:
                 last = snapshot
                 yield record
@@ -351,12 +358,17 @@ class JobManager:
                     progress.losses, record.step = list(event.losses), event.resumed_from
                     notes = event.notes + ([f"Resumed from step {event.resumed_from}."] if event.resumed_from else [])
                     record.message = " ".join(notes) or "Running."
+                    if event.captions:
+                        write_text_atomic(self._dir(record.id) / "captions.json",
+                                          json.dumps(dict(zip(event.image_names, event.captions)), indent=1))
                 elif isinstance(event, Step):
                     progress.losses.append(event.loss)
                     progress.it_per_s, progress.eta_s, record.step = event.it_per_s, event.eta_s, event.step
                     record.total_steps = event.total_steps
                 elif isinstance(event, Sample):
                     progress.samples = self._save_samples(record.id, event)
+                elif isinstance(event, Validation):
+                    progress.validation = self._save_validation(record.id, event, progress.validation)
                 elif isinstance(event, Checkpoint):
                     record.checkpoint_step = event.step
                     self._write(record)
@@ -442,6 +454,19 @@ class JobManager:
             saved.append((str(path), f"step {event.step}: {prompt}"))
         return saved
 
+    def _save_validation(self, job_id: str, event: Validation, so_far: list[dict]) -> list[dict]:
+        """Save one validation's pictures; the history (a resumed run's earlier steps dropped) goes to disk."""
+        folder = self._dir(job_id) / "validation"
+        folder.mkdir(exist_ok=True)
+        paths = []
+        for index, image in enumerate(event.images):
+            paths.append(str(folder / f"step-{event.step:06d}-{index}.png"))
+            image.save(paths[-1])
+        entry = {"step": event.step, "score": event.score, "images": paths, "prompts": event.prompts}
+        history = [item for item in so_far if item["step"] < event.step] + [entry]
+        write_text_atomic(self._dir(job_id) / "validation.json", json.dumps(history))
+        return history
+
     def _thumbnail(self, job_id: str) -> Image.Image | None:
         samples = sorted((self._dir(job_id) / "samples").glob("*.png"))
         images = sorted((self._dir(job_id) / "images").glob("*.png"))
@@ -451,6 +476,13 @@ class JobManager:
 
 def _record_json(record: JobRecord) -> str:
     return json.dumps(asdict(record), indent=1)
+
+
+def _read_validation(job_dir: Path) -> list[dict]:
+    try:
+        return json.loads((job_dir / "validation.json").read_text())
+    except (OSError, ValueError):
+        return []
 
 
 def _resume_point(record: JobRecord) -> str:

@@ -43,6 +43,7 @@ from trainer.config import TrainConfig
 from trainer.data import ImageSet
 from trainer.events import Cancelled, Checkpoint, Event, Failed, Finished, Sample, Started, Step
 from trainer.graphs import GraphedForward, UNetForward
+from trainer.validation import Validator
 
 TRAINING_ADAPTER = "style_studio_training"  # not "training": nn.Module has that attribute
 ENCODE_BATCH = 8
@@ -96,17 +97,30 @@ def train(
                          f"{accelerator.num_processes}: its batches will differ from an uninterrupted run's.")
         first_step = state.step if state else 0
         losses = list(state.losses) if state else []
-        yield Started(cfg.steps, len(images), images.skipped_lines(), first_step, losses[:], notes)
+        # 1. Captions: an image's own, else its content from the captioner, with the trigger word (issue 17).
+        captions, caption_notes = training_captions(cfg, images, base)
+        yield Started(cfg.steps, len(images), images.skipped_lines(), first_step, losses[:], notes + caption_notes,
+                      captions, images.names)
 
-        # 1. Cache what the frozen parts compute: latent distributions and caption embeddings.
+        # 2. Cache what the frozen parts compute: latent distributions and caption embeddings.
         latent_mean, latent_std = encode_images(pipe, images.images)
-        captions = [cfg.caption_for(caption) for caption in images.captions]
         sizes = [image.size for image in images.images]
         conditioning = encode_conditioning(pipe, captions, sizes)
         empty = encode_conditioning(pipe, [""], sizes[:1])  # for caption dropout: the classifier-free guidance branch
         sample_prompts = [captions[i % len(captions)] for i in range(cfg.num_samples)]  # fixed prompts and seeds
 
-        # 2. LoRA layers on the attention projections; their init is seeded so a run is reproducible.
+        # A validation set of new content, scored against the base model's own pictures of it (issue 17).
+        def draw(prompts: list[str], seed: int) -> list:
+            return render_samples(pipe, prompts, seed)
+
+        validator = None
+        if cfg.validation_prompts and accelerator.is_main_process:
+            validator = Validator.start(draw, base.model_id, cfg.validation_prompts, captions, cfg.trigger_word,
+                                        images.images)
+            if state:
+                validator.restore(state.scores, state.best_step, state.best_adapter)
+
+        # 3. LoRA layers on the attention projections; their init is seeded so a run is reproducible.
         lora_config = LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.lora_alpha,
@@ -143,6 +157,9 @@ def train(
                     moments["step"] = int(moments["step"])
             if len(state.generators) == accelerator.num_processes:
                 generator.set_state(state.generators[accelerator.process_index])
+        def adapter_state() -> dict[str, torch.Tensor]:
+            return get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER)
+
         model, optimizer = accelerator.prepare(unet, optimizer)  # DDP wrapper under accelerate launch
         forward = UNetForward(model)
         if cfg.compile:
@@ -150,7 +167,8 @@ def train(
         elif cfg.cuda_graphs and device.type == "cuda" and accelerator.num_processes == 1:
             forward = GraphedForward(forward)  # captured at the first step (DDP's collectives would need more care)
         style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash,
-                      "num_images": str(len(images)), "processes": str(accelerator.num_processes)}
+                      "num_images": str(len(images)), "processes": str(accelerator.num_processes),
+                      "captions": json.dumps(captions)}  # what each image was trained with, trigger word included
 
         def save_checkpoint(done: int) -> Checkpoint | None:
             if not checkpoints:
@@ -160,9 +178,11 @@ def train(
             if not accelerator.is_main_process:
                 return None
             adapter = get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER)
+            scores, best = (validator.scores, validator.best_adapter) if validator else ([], None)
             path = checkpoints.save(
                 TrainingState(done, adapter, optimizer.state_dict(), generators, losses,
-                              info={**style_info, "config": cfg.to_json()})
+                              info={**style_info, "config": cfg.to_json()}, scores=list(scores),
+                              best_step=validator.best_step if validator else 0, best_adapter=best)
             )
             return Checkpoint(done, str(path))
 
@@ -174,7 +194,7 @@ def train(
                 return asked
             return bool(accelerator.reduce(torch.tensor([float(asked)], device=accelerator.device), "sum").item())
 
-        # 3. The loop.
+        # 4. The loop.
         unet.train()
         started, done = time.perf_counter(), first_step
         for step in range(first_step, cfg.steps):
@@ -228,6 +248,8 @@ def train(
             if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps and accelerator.is_main_process:
                 yield Sample(done, render_samples(pipe, sample_prompts, cfg.seed), sample_prompts)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                if validator:
+                    yield validator.validate(draw, done, adapter_state)
                 saved = save_checkpoint(done)
                 if saved:
                     yield saved
@@ -237,12 +259,22 @@ def train(
         if not accelerator.is_main_process:
             return  # process 0 renders and hands the adapter back; the others hold the same weights
 
-        # 4. Samples from the finished adapter, then the adapter itself, for the caller to save.
+        # 5. Samples from the finished adapter, then the adapter itself, for the caller to save.
         samples = render_samples(pipe, sample_prompts, cfg.seed)
         if samples:
             yield Sample(step=done, images=samples, prompts=sample_prompts)
-        adapter = style_adapter(cfg, get_peft_model_state_dict(unet, adapter_name=TRAINING_ADAPTER), style_info, losses)
-        yield Finished(cfg.style_name, done, adapter, thumbnail=samples[0] if samples else images.images[0])
+        thumbnail = samples[0] if samples else images.images[0]
+        lora_state, info = adapter_state(), {**style_info, "steps_done": str(done)}
+        if validator:
+            if not validator.scores or validator.scores[-1][0] != done:
+                yield validator.validate(draw, done, adapter_state)
+            if cfg.keep == "best":  # the style is its best checkpoint on new content, not wherever it ended
+                lora_state, info["steps_done"] = validator.best_adapter, str(validator.best_step)
+            info["validation_score"] = f"{dict(validator.scores)[int(info['steps_done'])]:.4f}"
+            info["validation_scores"] = json.dumps(validator.scores)
+            thumbnail = validator.best_images[0] if cfg.keep == "best" and validator.best_images else thumbnail
+        adapter = style_adapter(cfg, lora_state, info, losses)
+        yield Finished(cfg.style_name, done, adapter, thumbnail=thumbnail)
     finally:  # the pipeline is claimed for the run: give it back as it came
         unet.eval()
         if TRAINING_ADAPTER in getattr(unet, "peft_config", {}):
@@ -316,6 +348,26 @@ def move_encoders(pipe, device: torch.device) -> None:
             torch.nn.Module.to(part, device)
 
 
+def training_captions(cfg: TrainConfig, images: ImageSet, base: Base) -> tuple[list[str], list[str]]:
+    """The caption each image trains with, and notes for the user.
+
+    An image's own caption (its .txt, or what the user wrote in the caption editor) is kept; the
+    others are captioned by the base model's captioner when cfg.auto_caption is on (models/captions.py),
+    so the words that vary between images name their content and the adapter is left the look to
+    learn; the template is the fallback. Every caption gets the trigger word (TrainConfig.caption_for).
+    """
+    content, notes = list(images.captions), []
+    missing = [i for i, caption in enumerate(content) if not (caption and caption.strip())]
+    if missing and cfg.auto_caption:
+        from models.captions import auto_captions  # loads a captioner model only when one is needed
+
+        found, note = auto_captions([images.images[i] for i in missing], base.model_id, base.family)
+        for i, caption in zip(missing, found):
+            content[i] = caption
+        notes.append(note)
+    return [cfg.caption_for(caption) for caption in content], notes
+
+
 def _kept(checkpoints: CheckpointDir | None) -> str:
     latest = checkpoints.paths()[-1:] if checkpoints else []
     return f" The last good checkpoint ({latest[0].stem}) is kept: resume from it." if latest else ""
@@ -334,11 +386,18 @@ def style_adapter(cfg: TrainConfig, lora_state: dict, info: dict[str, str], loss
 
 
 def checkpoint_adapter(state: TrainingState, style_name: str) -> StyleAdapter:
-    """A checkpoint's adapter as a finished style named `style_name` (a stopped run the user wants to keep)."""
+    """A checkpoint's adapter as a finished style named `style_name` (a stopped run the user wants to keep):
+    its best validation so far, as a finished run would choose, unless the run was set to keep the last step."""
     info = dict(state.info)
     cfg = TrainConfig.from_dict({**json.loads(info.pop("config")), "style_name": style_name})
-    info["steps_done"] = str(state.step)
-    return style_adapter(cfg, state.adapter, info, state.losses)
+    adapter, info["steps_done"] = state.adapter, str(state.step)
+    if cfg.keep == "best" and state.best_adapter:
+        adapter, info["steps_done"] = state.best_adapter, str(state.best_step)
+    scores = dict(state.scores)
+    if int(info["steps_done"]) in scores:
+        info["validation_score"] = f"{scores[int(info['steps_done'])]:.4f}"
+        info["validation_scores"] = json.dumps(state.scores)
+    return style_adapter(cfg, adapter, info, state.losses)
 
 
 @dataclass
