@@ -61,6 +61,11 @@ class UnetLayout:
     modules: set[str]
     layers_per_block: int
 
+    @property
+    def defaults_family(self) -> str:
+        """Whose training defaults fit this base (trainer.config.FAMILY_DEFAULTS): its family, or "embedded"."""
+        return "embedded" if self.model_id == embedded.EMBEDDED_ID else self.family
+
     @classmethod
     def of(cls, unet: torch.nn.Module) -> UnetLayout:
         projections, modules = {}, set()

@@ -64,6 +64,7 @@ def main(argv=None) -> int:
                 "add --resume to continue it, or delete that folder to start over."
             )
         base = load_base(args.model, cfg.precision, args.model_config)
+        cfg = make_config(preset, base.defaults_family, **values).validate()  # the base's family's defaults under all
         images = ingest(args.images, cfg.resolution or base.resolution)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
