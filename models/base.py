@@ -61,11 +61,6 @@ class UnetLayout:
     modules: set[str]
     layers_per_block: int
 
-    @property
-    def defaults_family(self) -> str:
-        """Whose training defaults fit this base (trainer.config.FAMILY_DEFAULTS): its family, or "embedded"."""
-        return "embedded" if self.model_id == embedded.EMBEDDED_ID else self.family
-
     @classmethod
     def of(cls, unet: torch.nn.Module) -> UnetLayout:
         projections, modules = {}, set()
@@ -105,6 +100,11 @@ class Base:
     # (who changes the pipeline now, its description)
     _user: tuple[object, str] | None = field(default=None, repr=False)
     _claims: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def defaults_family(self) -> str:
+        """Whose training defaults fit this base (trainer.config.FAMILY_DEFAULTS): its family, or "embedded"."""
+        return "embedded" if self.model_id == embedded.EMBEDDED_ID else self.family
 
     @classmethod
     def of(cls, pipe, model_id: str, device: torch.device, dtype: torch.dtype) -> Base:

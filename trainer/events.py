@@ -69,6 +69,7 @@ class Finished:
     steps_done: int
     adapter: Any  # styles.formats.StyleAdapter: the LoRA weights and how they were made
     thumbnail: Any = None  # a PIL image: the last sample, else the first training image
+    kept_step: int | None = None  # the step the style's weights come from (its best validation, or the last)
 
 
 @dataclass

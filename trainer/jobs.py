@@ -373,8 +373,10 @@ class JobManager:
                     record.checkpoint_step = event.step
                     self._write(record)
                 elif isinstance(event, Finished):  # the child saved the style
+                    kept = ("" if event.kept_step in (None, event.steps_done) else
+                            f" Its weights are from step {event.kept_step}, the best on the validation prompts.")
                     self._move(record, JobState.FINISHED,
-                               f"Style {event.style_name!r} is ready after {event.steps_done} steps.",
+                               f"Style {event.style_name!r} is ready after {event.steps_done} steps.{kept}",
                                style_path=str(self.library.path_for(event.style_name)))
                     # The style holds the result; checkpoints only served a resume (the images stay as the record).
                     shutil.rmtree(self._dir(record.id) / "checkpoints", ignore_errors=True)

@@ -17,6 +17,7 @@ channels-last convolutions and torch.compile.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, is_tensorboard_available
 from diffusers import DDPMScheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import cast_training_params, compute_snr
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -41,7 +42,7 @@ from styles.formats import StyleAdapter
 from trainer.checkpoints import CheckpointDir, TrainingState
 from trainer.config import TrainConfig
 from trainer.data import ImageSet
-from trainer.events import Cancelled, Checkpoint, Event, Failed, Finished, Sample, Started, Step
+from trainer.events import Cancelled, Checkpoint, Event, Failed, Finished, Sample, Started, Step, Validation
 from trainer.graphs import GraphedForward, UNetForward
 from trainer.validation import Validator
 
@@ -111,13 +112,24 @@ def train(
 
         # A validation set of new content, scored against the base model's own pictures of it (issue 17).
         def draw(prompts: list[str], seed: int) -> list:
-            return render_samples(pipe, prompts, seed)
+            """Validation pictures, one prompt at a time: a stop asked for meanwhile is answered within a picture."""
+            pictures = []
+            for i, prompt in enumerate(prompts):
+                if stop is not None and stop.is_set():
+                    raise StopAsked
+                pictures += render_samples(pipe, [prompt], seed + i)
+            return pictures
+
+        def validate(done: int) -> Iterator[Validation]:
+            with contextlib.suppress(StopAsked):  # skipped: the loop stops (with a checkpoint) or the run ends
+                yield validator.validate(draw, done, adapter_state)
 
         validator = None
         if cfg.validation_prompts and accelerator.is_main_process:
-            validator = Validator.start(draw, base.model_id, cfg.validation_prompts, captions, cfg.trigger_word,
-                                        images.images)
-            if state:
+            with contextlib.suppress(StopAsked):  # stopped already: the loop below cancels at once
+                validator = Validator.start(draw, base.model_id, cfg.validation_prompts, captions, cfg.trigger_word,
+                                            images.images)
+            if validator and state:
                 validator.restore(state.scores, state.best_step, state.best_adapter)
 
         # 3. LoRA layers on the attention projections; their init is seeded so a run is reproducible.
@@ -219,7 +231,7 @@ def train(
             try:
                 loss = diffusion_loss(
                     forward, noise_scheduler, latents.to(device), cond.to(device), noise.to(device),
-                    timesteps.to(device), base.dtype
+                    timesteps.to(device), base.dtype, cfg.min_snr_gamma
                 )
                 accelerator.backward(loss)
             except torch.OutOfMemoryError:
@@ -249,7 +261,7 @@ def train(
                 yield Sample(done, render_samples(pipe, sample_prompts, cfg.seed), sample_prompts)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 if validator:
-                    yield validator.validate(draw, done, adapter_state)
+                    yield from validate(done)
                 saved = save_checkpoint(done)
                 if saved:
                     yield saved
@@ -267,14 +279,16 @@ def train(
         lora_state, info = adapter_state(), {**style_info, "steps_done": str(done)}
         if validator:
             if not validator.scores or validator.scores[-1][0] != done:
-                yield validator.validate(draw, done, adapter_state)
-            if cfg.keep == "best":  # the style is its best checkpoint on new content, not wherever it ended
+                yield from validate(done)
+            if cfg.keep == "best" and validator.best_adapter is not None:  # its best on new content, not the last
                 lora_state, info["steps_done"] = validator.best_adapter, str(validator.best_step)
-            info["validation_score"] = f"{dict(validator.scores)[int(info['steps_done'])]:.4f}"
-            info["validation_scores"] = json.dumps(validator.scores)
-            thumbnail = validator.best_images[0] if cfg.keep == "best" and validator.best_images else thumbnail
+                thumbnail = validator.best_images[0] if validator.best_images else thumbnail
+            scores = dict(validator.scores)
+            if int(info["steps_done"]) in scores:
+                info["validation_score"] = f"{scores[int(info['steps_done'])]:.4f}"
+                info["validation_scores"] = json.dumps(validator.scores)
         adapter = style_adapter(cfg, lora_state, info, losses)
-        yield Finished(cfg.style_name, done, adapter, thumbnail=thumbnail)
+        yield Finished(cfg.style_name, done, adapter, thumbnail=thumbnail, kept_step=int(info["steps_done"]))
     finally:  # the pipeline is claimed for the run: give it back as it came
         unet.eval()
         if TRAINING_ADAPTER in getattr(unet, "peft_config", {}):
@@ -346,6 +360,10 @@ def move_encoders(pipe, device: torch.device) -> None:
         part = getattr(pipe, name, None)
         if isinstance(part, torch.nn.Module):
             torch.nn.Module.to(part, device)
+
+
+class StopAsked(Exception):
+    """A stop was asked for while validation pictures were being drawn: the validation is skipped."""
 
 
 def training_captions(cfg: TrainConfig, images: ImageSet, base: Base) -> tuple[list[str], list[str]]:
@@ -429,20 +447,27 @@ class Conditioning:
         return tuple(t.to(dtype) for t in (self.text, self.pooled, self.time_ids) if t is not None)
 
 
-def diffusion_loss(forward, noise_scheduler, latents, cond, noise, timesteps, dtype=torch.float32) -> torch.Tensor:
+def diffusion_loss(forward, noise_scheduler, latents, cond, noise, timesteps, dtype=torch.float32,
+                   min_snr_gamma: float = 0.0) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (noise, or velocity for v-prediction).
 
     `forward` is the UNet as a UNetForward (or its graphed or compiled form).
     `cond` is a Conditioning, or the text embeddings alone for an SD 1.x/2.x UNet.
+    With `min_snr_gamma`, each sample's loss is weighted by min(SNR, gamma) / SNR (or / (SNR + 1) for
+    v-prediction): Min-SNR weighting (Hang et al. 2023, arXiv 2303.09556), as diffusers' and kohya's
+    trainers do it, which gives the low-noise steps, where fine detail is decided, less say.
     """
     cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
     prediction = forward(noisy.to(dtype), timesteps, *cond.tensors(dtype))
-    return F.mse_loss(prediction.float(), target.float())
+    if not min_snr_gamma:
+        return F.mse_loss(prediction.float(), target.float())
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
 
 
 @torch.no_grad()
