@@ -14,13 +14,15 @@ import functools
 import inspect
 import time
 import typing
+from urllib.parse import quote
 
 import gradio as gr
 import pandas as pd
 
-from app.studio import Studio, describe
+from app.studio import Studio, best_validation, describe, validation_line
 from embedded.examples import EXAMPLES
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from styles.grid import DEFAULT_SCALES, DEFAULT_SEEDS
 from trainer.config import DEFAULT_CAPTION_TEMPLATE, DEFAULT_PRESET, config_fields
 
 TOP_FIELDS = ("style_name", "trigger", "caption_template")  # shown above the Advanced accordion
@@ -28,7 +30,13 @@ ADVANCED_FIELDS = [f for f in config_fields() if f.name not in TOP_FIELDS]
 PROGRESS_EVERY_S = 0.5  # throttle UI updates from a fast training loop
 LOSS_AVERAGE_STEPS = 20  # the chart's smoothed line: the mean of the last this many steps
 JOB_COLUMNS = ["job", "style", "state", "queue", "step", "checkpoint", "message"]
-STYLE_COLUMNS = ["name", "trigger", "base_model", "family", "created", "rank", "alpha", "steps", "learning_rate"]
+# "steps": the step its weights come from (its best validation, or a kept checkpoint); "validation_score": there
+STYLE_COLUMNS = ["name", "trigger", "base_model", "family", "created", "rank", "alpha", "steps", "validation_score",
+                 "learning_rate"]
+CAPTION_COLUMNS = ["image", "name", "caption", "source"]  # the caption editor's table; only "caption" is editable
+GRID_SCALES = ", ".join(f"{scale:g}" for scale in DEFAULT_SCALES)  # the grid's columns, as the form shows them
+GRID_SEEDS = ", ".join(map(str, DEFAULT_SEEDS))
+STRIP_TOP_PX, STRIP_ROW_PX = 56, 216  # the validation strip: room for its label, then one row per checkpoint
 
 
 # -- plumbing ---------------------------------------------------------------------------------------
@@ -126,12 +134,16 @@ def shown_value(field, value):
     return value if "choices" in field.metadata else str(value)
 
 
-def loss_chart(losses: list[float]) -> pd.DataFrame:
-    """Long-form rows (step, loss, series) for the raw per-step loss and its running mean.
+def loss_chart(losses: list[float]) -> pd.DataFrame | None:
+    """Long-form rows (step, loss, series) for the raw per-step loss and its running mean; None before the first step.
 
     One step's loss depends on its random timestep and noise, so the raw line jumps about; the
-    running mean is the line that shows whether training is going anywhere.
+    running mean is the line that shows whether training is going anywhere. No rows is None, not an
+    empty frame: Gradio's plot fixes its colour scale from the first data it draws, and an empty first
+    frame left every later line without a colour, so the chart showed axes and no line.
     """
+    if not losses:
+        return None
     raw = pd.Series(losses, dtype=float)
     steps = range(1, len(raw) + 1)
     return pd.concat([
@@ -141,8 +153,29 @@ def loss_chart(losses: list[float]) -> pd.DataFrame:
     ], ignore_index=True)
 
 
+def validation_chart(validation: list[dict]) -> pd.DataFrame | None:
+    """(step, score) of every validation, from step 0 (the base model, score 0 by the score's definition,
+    so that one validation already draws a line); None before the first."""
+    if not validation:
+        return None
+    return pd.DataFrame({"step": [0] + [entry["step"] for entry in validation],
+                         "score": [0.0] + [float(entry["score"]) for entry in validation]})
+
+
+def validation_strip(validation: list[dict]):
+    """The validation pictures of every checkpoint, newest first, one gallery row per checkpoint; ★ marks the best."""
+    best = best_validation(validation)
+    items = [(path, ("★ " if entry is best else "") + f"step {entry['step']} · score {entry['score']:.3f}")
+             for entry in reversed(validation) for path in entry["images"]]
+    columns = max((len(entry["images"]) for entry in validation), default=1)
+    # As tall as its rows (a row is a 200 px tile, app/layout.py's CSS, and a gap), up to three, then it scrolls.
+    height = STRIP_TOP_PX + STRIP_ROW_PX * min(max(len(validation), 1), 3)
+    return gr.update(value=items, columns=max(columns, 1), height=height)
+
+
 # -- training ---------------------------------------------------------------------------------------
-def _submit(studio: Studio, files, style_name, trigger, caption_template, preset, advanced: dict) -> str:
+def _submit(studio: Studio, files, style_name, trigger, caption_template, preset, advanced: dict,
+            captions: dict | None = None) -> str:
     """Queue a training job from the form's values; returns its id."""
     paths = [getattr(f, "name", f) for f in (files or [])]
     settings = dict(
@@ -151,28 +184,98 @@ def _submit(studio: Studio, files, style_name, trigger, caption_template, preset
         caption_template=caption_template or DEFAULT_CAPTION_TEMPLATE,
         **parse_advanced(advanced),
     )
-    return studio.submit(paths, preset or DEFAULT_PRESET, **settings)
+    return studio.submit(paths, preset or DEFAULT_PRESET, captions=captions, **settings)
+
+
+def edited_captions(captions, shown: list[dict] | None = None) -> dict[str, str] | None:
+    """Captions to train with, {image name: caption}, from the caption editor's table or an API client.
+
+    `captions` is the editor's table (a DataFrame with name and caption columns), {name: caption}, or a
+    list of {"name", "caption"} as /caption_images returns them. A template row left as it was `shown`
+    is left out, so training fills in the caption template as the form has it when Train is pressed.
+    """
+    if captions is None or isinstance(captions, dict):
+        return {str(name): str(text or "") for name, text in captions.items()} if captions else None
+    rows = captions.to_dict(orient="records") if isinstance(captions, pd.DataFrame) else list(captions)
+    before = {row["name"]: row for row in shown or []}
+    result = {}
+    for row in rows:
+        name, text = str(row.get("name") or ""), str(row.get("caption") or "")
+        if not name:  # the editor's blank row before anything was captioned
+            continue
+        if before.get(name, {}).get("source") == "template" and before[name]["caption"] == text:
+            continue
+        result[name] = text
+    return result or None
+
+
+def _queued_message(studio: Studio, job_id: str, captions: dict | None) -> str:
+    edited = f" Captions given: {len(captions)}; the trigger word is added to each at training." if captions else ""
+    return f"Queued job {job_id} (position {studio.jobs.position(job_id)}).{edited}"
 
 
 @with_advanced_parameters
 @user_errors
 def submit_training(studio: Studio, page, files, style_name, trigger=None, caption_template=None, preset=None,
-                    **advanced):
+                    captions=None, **advanced):
     """Queue a training job from uploaded images (files, a zip, .txt captions); returns its job id.
 
+    `captions` ({image name: caption}, or /caption_images' list, edited) replace the uploaded ones.
     Every TrainConfig field is an optional keyword (rank, steps, learning_rate, ...): empty uses the preset.
     """
-    job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced)
-    return {page.job_picker: job_id,
-            page.job_message: f"Queued job {job_id} (position {studio.jobs.position(job_id)})."}
+    captions = edited_captions(captions)
+    job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced, captions)
+    return {page.job_picker: job_id, page.job_message: _queued_message(studio, job_id, captions)}
 
 
 @with_advanced_parameters
 @user_errors
-def train_style(studio: Studio, page, files, style_name, trigger=None, caption_template=None, preset=None, **advanced):
+def submit_form(studio: Studio, page, files, style_name, trigger, caption_template, preset, caption_table,
+                shown_captions, **advanced):
+    """The Train button: queue the form, with the caption editor's captions (see edited_captions)."""
+    captions = edited_captions(caption_table, shown_captions)
+    job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced, captions)
+    return {page.job_picker: job_id, page.job_message: _queued_message(studio, job_id, captions)}
+
+
+@with_advanced_parameters
+@user_errors
+def train_style(studio: Studio, page, files, style_name, trigger=None, caption_template=None, preset=None,
+                captions=None, **advanced):
     """Queue a training job and stream its progress (status, loss table, samples) until it ends."""
-    job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced)
+    job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced, edited_captions(captions))
     yield from follow_until_done(studio, page, job_id)
+
+
+def _caption_rows(studio: Studio, files, caption_template, auto_caption) -> tuple[list[dict], str]:
+    paths = [getattr(f, "name", f) for f in (files or [])]
+    if not paths:
+        return [], ""
+    auto = auto_caption not in (False, "False", "false")  # the Advanced drop-down: empty means the preset's (on)
+    rows, note = studio.caption_images(paths, caption_template or DEFAULT_CAPTION_TEMPLATE, auto)
+    return [vars(row) for row in rows], note
+
+
+@user_errors
+def caption_images(studio: Studio, files, caption_template=None, auto_caption=True):
+    """Each uploaded image's caption before training: [{"name", "caption", "source"}] and a note.
+
+    source: ".txt" (its own caption file), "captioner" (the base model's captioner) or "template" (the
+    caption template, {trigger} filled in at training). Edit them and pass them to /submit_training as
+    `captions`; training adds the trigger word to each.
+    """
+    rows, note = _caption_rows(studio, files, caption_template, auto_caption)
+    return [{key: row[key] for key in ("name", "caption", "source")} for row in rows], note
+
+
+@user_errors
+def show_captions(studio: Studio, page, files, caption_template=None, auto_caption=None):
+    """The caption editor: a row per uploaded image (thumbnail, name, caption, source) and the captioner's note."""
+    rows, note = _caption_rows(studio, files, caption_template, auto_caption)
+    table = pd.DataFrame(
+        [[f"![thumbnail](gradio_api/file={quote(row['thumbnail'])})", row["name"], row["caption"], row["source"]]
+         for row in rows], columns=CAPTION_COLUMNS)
+    return {page.captions: table, page.caption_rows: rows, page.caption_note: note}
 
 
 def _submit_example(studio: Studio, example, preset) -> tuple[list[str], str, str]:
@@ -222,15 +325,20 @@ def load_preset(studio: Studio, page, preset_name):
 
 # -- jobs -------------------------------------------------------------------------------------------
 def job_view(studio: Studio, page, job_id) -> dict:
-    """A job's status, loss chart and samples, as the Train tab shows them."""
+    """A job's status, loss chart, samples, validation scores and validation pictures, as the Train tab shows them."""
     record, progress = studio.jobs.get(job_id), studio.jobs.progress(job_id)
-    return {page.status: describe(record, progress, studio.jobs.position(job_id)),
-            page.loss_plot: loss_chart(progress.losses), page.samples: list(progress.samples)}
+    status = describe(record, progress, studio.jobs.position(job_id))
+    validation = validation_line(record, progress)
+    return {page.status: f"{status}\n\n{validation}" if validation else status,
+            page.loss_plot: loss_chart(progress.losses), page.samples: list(progress.samples),
+            page.validation_plot: validation_chart(progress.validation),
+            page.validation_strip: validation_strip(progress.validation)}
 
 
 @user_errors
 def follow_job(studio: Studio, page, job_id):
-    """Stream a job's status, loss chart and samples until it is no longer queued or running."""
+    """Stream a job's status, loss chart, samples, validation scores and validation pictures until it is no
+    longer queued or running."""
     if not job_id:
         return
     last_yield = 0.0
@@ -243,8 +351,10 @@ def follow_job(studio: Studio, page, job_id):
 
 
 def follow_until_done(studio: Studio, page, job_id):
-    """follow_job, then raise the job's message if it did not finish (API clients see the error)."""
-    yield from follow_job(studio, page, job_id)
+    """follow_job's status, loss and samples (what /train_style streams), then raise the job's message if it
+    did not finish (API clients see the error)."""
+    for update in follow_job(studio, page, job_id):
+        yield {key: update[key] for key in (page.status, page.loss_plot, page.samples)}
     record = studio.jobs.get(job_id)
     if record.state != "finished":
         raise gr.Error(f"Job {job_id} {record.state}: {record.message}", print_exception=False)
@@ -306,21 +416,50 @@ def discard_job(studio: Studio, job_id):
 # -- generation -------------------------------------------------------------------------------------
 @user_errors
 def generate(studio: Studio, page, prompt, negative_prompt=None, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
-             width=0, height=0, styles=None):
-    """Generate images with styles blended at the given scales, e.g. styles={"ink": 0.8}."""
-    result = studio.generate(
-        prompt,
-        styles=styles or {},
-        negative_prompt=negative_prompt or "",
-        seed=int(seed or 0),
-        steps=int(steps),
-        guidance=float(guidance),
-        width=int(width or 0),
-        height=int(height or 0),
-    )
+             width=0, height=0, styles=None, add_triggers=True):
+    """Generate images with styles blended at the given scales, e.g. styles={"ink": 0.8}.
+
+    With add_triggers (the default), the trigger word of each style in use is added to the prompt.
+    """
+    result = studio.generate(prompt, styles=styles or {}, **_options(negative_prompt, seed, steps, guidance, width,
+                                                                     height, add_triggers))
     blend = ", ".join(f"{name} {scale:+.2f}" for name, scale in result.active.items()) or "none (base model)"
     notes = "".join(f"\n\n⚠ {w}" for w in result.warnings)
-    return {page.gallery: [str(p) for p in result.paths], page.info: f"Seed {int(seed or 0)} · styles: {blend}{notes}"}
+    return {page.gallery: [str(p) for p in result.paths],
+            page.info: f"Seed {int(seed or 0)} · styles: {blend} · prompt used: `{result.prompt}`{notes}"}
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _options(negative_prompt, seed, steps, guidance, width, height, add_triggers) -> dict:
+    """The generation options of the form (or an API call), as Studio.generate and Studio.grid take them."""
+    return dict(negative_prompt=negative_prompt or "", seed=int(seed or 0), steps=int(steps), guidance=float(guidance),
+                width=int(width or 0), height=int(height or 0), add_triggers=add_triggers is not False)
+
+
+@user_errors
+def generate_grid(studio: Studio, page, prompt, rows="styles", styles=None, seeds=GRID_SEEDS, scales=GRID_SCALES,
+                  negative_prompt=None, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, width=0, height=0,
+                  add_triggers=True):
+    """A scale grid in one PNG: columns are scales; rows are styles (each alone, at `seed`) or seeds (the
+    styles together). In each cell every style of its row is at the column's scale, the others off.
+
+    styles: names (empty: every style); scales and seeds: comma-separated, e.g. "0, 0.5, 1". Returns the
+    PNG's path (saved in the workspace's outputs, its recipe in its text chunks) and a description.
+    """
+    names = [styles] if isinstance(styles, str) and styles else list(styles or [])
+    grid = studio.grid(prompt, rows or "styles", names, scales, seeds,
+                       **_options(negative_prompt, seed, steps, guidance, width, height, add_triggers))
+    layout = grid.recipe["grid"]
+    size = f"{_count(len(layout['row_labels']), 'row')} × {_count(len(layout['scales']), 'scale')}"
+    where = f"seed {int(seed or 0)}" if layout["rows"] == "styles" else f"styles: {' + '.join(layout['styles'])}"
+    triggers = ("trigger words of the styles in use added to each cell's prompt" if add_triggers is not False
+                else "prompt as written")
+    notes = "".join(f"\n\n⚠ {w}" for w in grid.warnings)
+    return {page.grid_image: str(grid.path),
+            page.grid_info: f"Grid of {size} ({where}; {triggers}) saved as `{grid.path.name}`.{notes}"}
 
 
 # -- the style library ------------------------------------------------------------------------------
@@ -360,7 +499,18 @@ def rename_style(studio: Studio, old, new):
     return f"Renamed **{old}** to **{new}**."
 
 
-def refresh_styles(studio: Studio, page, current_blend, known_names):
+def styles_table(infos) -> pd.DataFrame:
+    """The Styles tab's table: one row per style; its steps are those its weights come from, with their score."""
+    rows = []
+    for info in infos:
+        row = info.summary()
+        score = row["validation_score"]
+        row["validation_score"] = "" if score is None else f"{score:.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=STYLE_COLUMNS)
+
+
+def refresh_styles(studio: Studio, page, current_blend, known_names, grid_styles=None):
     """Re-read the library; update sliders, tables and pickers only when the set of styles changed."""
     names = studio.library.names()
     if known_names is not None and list(known_names) == names:
@@ -371,7 +521,8 @@ def refresh_styles(studio: Studio, page, current_blend, known_names):
         page.slider_values: blend,
         page.known_names: names,
         page.blend: blend,
-        page.table: pd.DataFrame([info.summary() for info in infos], columns=STYLE_COLUMNS),
+        page.table: styles_table(infos),
         page.thumbs: [(str(i.thumbnail), f"{i.name} · trigger: {i.trigger}") for i in infos if i.thumbnail],
         page.picker: gr.update(choices=names, value=names[0] if names else None),
+        page.grid_styles: gr.update(choices=names, value=[name for name in grid_styles or [] if name in names]),
     }

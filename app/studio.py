@@ -5,6 +5,8 @@ Handlers raise ValueError with a message meant for the user; the UI layer turns 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -14,14 +16,18 @@ from core.files import staged_folder, write_bytes_atomic
 from core.names import check_style_name, safe_style_name
 from embedded.examples import EXAMPLES
 from models.base import load_base
+from models.captions import auto_captions
 from styles import formats
 from styles.blend import Blender, save_png
+from styles.grid import DEFAULT_SCALES, DEFAULT_SEEDS, draw_grid, numbers
 from styles.library import StyleLibrary
 from trainer.config import DEFAULT_PRESET, make_config, read_settings, write_settings
 from trainer.data import UploadLimits, ingest
 from trainer.jobs import JobManager, JobRecord, Progress
 
 EXPORT_LAYOUTS = ("kohya", "diffusers")  # the first is the default download
+PREVIEW_SIDE = 128  # px: the caption editor's thumbnails
+PREVIEW_KEEP_S = 24 * 3600  # thumbnails older than this are deleted when new ones are written
 
 
 @dataclass
@@ -29,6 +35,24 @@ class Generated:
     paths: list[Path]
     active: dict[str, float]
     warnings: list[str]
+    prompt: str = ""  # the prompt actually used: trigger words included
+
+
+@dataclass
+class Grid:
+    path: Path
+    recipe: dict  # the PNG's "style_studio" record (styles.grid.draw_grid)
+    warnings: list[str]
+
+
+@dataclass
+class Caption:
+    """One uploaded image's caption as the caption editor shows it, before training."""
+
+    name: str  # the image's name in the upload (the key Studio.submit's `captions` uses)
+    caption: str  # its content, without the trigger word (a template row shows the template itself)
+    source: str  # ".txt", "captioner" or "template"
+    thumbnail: str = ""  # a small PNG of it in the workspace
 
 
 class Studio:
@@ -55,16 +79,77 @@ class Studio:
         self.jobs.close()
 
     # -- train ---------------------------------------------------------------------------
-    def submit(self, sources: list[str], preset: str, **settings) -> str:
-        """Validate and ingest, then queue a training job; returns its id (jobs run one at a time)."""
+    def submit(self, sources: list[str], preset: str, captions: dict[str, str] | None = None, **settings) -> str:
+        """Validate and ingest, then queue a training job; returns its id (jobs run one at a time).
+
+        `captions` ({image name: caption}, as caption_images names them) replace the uploaded ones: the
+        caption editor's text. `{trigger}` in one becomes the trigger word; an empty one falls back to the
+        captioner or the template. Training adds the trigger word to every caption that lacks it.
+        """
         settings = {key: value for key, value in settings.items() if value not in (None, "")}
-        cfg = make_config(preset, **settings).validate()
+        cfg = make_config(preset, self.base.defaults_family, **settings).validate()
         # The job manager checks this too; checking here refuses before any image is read.
         self.library.ensure_free(cfg.style_name)
         if not sources:
             raise ValueError("No images were uploaded: add image files or a zip of images.")
         images = ingest(sources, cfg.resolution or self.base.resolution, limits=self.limits)
+        unknown = sorted(set(captions or {}) - set(images.names))
+        if unknown:
+            raise ValueError(f"Captions were given for images that are not in the upload: {', '.join(unknown)}. "
+                             f"The upload has: {', '.join(images.names)}.")
+        for index, name in enumerate(images.names):
+            if name in (captions or {}):
+                text = str(captions[name] or "").replace("{trigger}", cfg.trigger_word).strip()
+                images.captions[index] = text or None
         return self.jobs.submit(cfg, images)
+
+    def caption_images(self, sources: list[str], caption_template: str, auto_caption: bool = True
+                       ) -> tuple[list[Caption], str]:
+        """Each uploaded image's caption as training would start from it, and a note on how they were made.
+
+        An image's .txt comes first; then the base model's captioner (models/captions.py) when `auto_caption`
+        is on; then `caption_template`, shown as it is ({trigger} is filled in at training).
+        """
+        images = ingest(sources, self.base.resolution, limits=self.limits)
+        self._prune_previews()
+        missing = [i for i, text in enumerate(images.captions) if not (text and text.strip())]
+        found, note = [], ""
+        if missing and auto_caption:
+            found, note = auto_captions([images.images[i] for i in missing], self.base.model_id, self.base.family)
+        elif missing:
+            note = "Automatic captions are off (Advanced: Auto caption): images without a .txt use the template."
+        by_index = dict(zip(missing, found))
+        rows = []
+        for index, (name, text) in enumerate(zip(images.names, images.captions)):
+            if text and text.strip():
+                rows.append(Caption(name, text.strip(), ".txt"))
+            elif by_index.get(index):
+                rows.append(Caption(name, by_index[index], "captioner"))
+            else:
+                rows.append(Caption(name, caption_template, "template"))
+            rows[-1].thumbnail = str(self._preview(images.images[index]))
+        if images.skipped:
+            note += f" Skipped {len(images.skipped)}: " + "; ".join(images.skipped_lines())
+        return rows, note.strip()
+
+    def _preview(self, image) -> Path:
+        """A small PNG of an ingested image, named by its content (the same picture is written once)."""
+        folder = self.workspace / "previews"
+        folder.mkdir(exist_ok=True)
+        thumb = image.copy()
+        thumb.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        data = io.BytesIO()
+        thumb.save(data, format="PNG")
+        path = folder / f"{hashlib.sha256(data.getvalue()).hexdigest()[:20]}.png"
+        if not path.exists():
+            write_bytes_atomic(path, data.getvalue())
+        return path
+
+    def _prune_previews(self) -> None:
+        """Previews only serve the form being filled in: those older than a day go."""
+        for old in (self.workspace / "previews").glob("*.png"):
+            if time.time() - old.stat().st_mtime > PREVIEW_KEEP_S:
+                old.unlink(missing_ok=True)
 
     # -- saved presets (TOML, the same files `python -m trainer --config` reads) ---------------
     def save_preset(self, name: str, preset: str, **settings) -> Path:
@@ -118,7 +203,24 @@ class Studio:
             save_png(image, self.outputs / f"{stamp}-{index}-{time.monotonic_ns() % 10**6}.png")
             for index, image in enumerate(images)
         ]
-        return Generated(paths, recipe["styles"], self.blender.warnings[warnings_before:])
+        return Generated(paths, recipe["styles"], self.blender.warnings[warnings_before:], recipe["prompt"])
+
+    def grid(self, prompt: str, rows: str = "styles", styles: list[str] | None = None, scales=DEFAULT_SCALES,
+             seeds=DEFAULT_SEEDS, **options) -> Grid:
+        """A scale grid (styles/grid.py) saved into outputs/; `styles` empty: every style in the library.
+
+        `scales` and `seeds` are lists or comma-separated text; `options` are generate's.
+        """
+        if not prompt or not prompt.strip():
+            raise ValueError("Write a prompt first.")
+        scales = numbers(scales, float, "Scales")
+        seeds = numbers(seeds, int, "Seeds") if rows == "seeds" else []  # a style grid has one seed: options'
+        warnings_before = len(self.blender.warnings)
+        picture = draw_grid(self.blender, prompt, rows, list(styles or self.library.names()), scales, seeds, **options)
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}"
+        path = save_png(picture, self.outputs / f"grid-{stamp}.png")
+        warnings = list(dict.fromkeys(self.blender.warnings[warnings_before:]))  # once each, not once per cell
+        return Grid(path, json.loads(picture.info["style_studio"]), warnings)
 
     # -- library -------------------------------------------------------------------------
     def list_styles(self) -> list[dict]:
@@ -175,6 +277,29 @@ def describe(record: JobRecord, progress: Progress, position: int = 0) -> str:
         )
     skipped = f" Skipped {len(record.skipped)}: " + "; ".join(record.skipped) if record.skipped else ""
     return f"{head}. {record.message}{skipped}"
+
+
+def best_validation(validation: list[dict]) -> dict | None:
+    """The validation with the best score so far (the earliest of equals, as training keeps it), or None."""
+    return max(validation, key=lambda entry: entry["score"]) if validation else None
+
+
+def validation_line(record: JobRecord, progress: Progress) -> str:
+    """Which checkpoint the job's style comes from, by its validation scores (issue 17); '' before the first."""
+    best = best_validation(progress.validation)
+    if best is None:
+        return ""
+    if record.config.get("keep") == "last":
+        last = progress.validation[-1]
+        return (f"Latest validation: step {last['step']}, score {last['score']:.3f}; the style is the last step's "
+                f"adapter (keep = last). Best so far: step {best['step']}, score {best['score']:.3f}.")
+    at = f"step {best['step']}, score {best['score']:.3f}"
+    if record.state in ("queued", "running"):
+        return f"The style will come from the best checkpoint so far: {at}."
+    if record.state == "finished":
+        return f"Best validation: {at}."
+    return (f"Best validation so far: {at}. Resume to finish with the best checkpoint as the style; "
+            "Keep checkpoint saves the newest one.")
 
 
 def _duration(seconds: float) -> str:

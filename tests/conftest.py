@@ -60,7 +60,10 @@ def library(tmp_path):
 
 
 def train_style(library, name: str, seed: int, steps: int = 6, **overrides):
-    """Train a tiny style on a fresh base and save it into `library`; return its StyleInfo."""
+    """Train a tiny style on a fresh base and save it into `library`; return its StyleInfo.
+
+    No auto-captions and no validation unless asked for: most tests need a style that differs from
+    the base, not a good one, and those two steps cost more than the training itself."""
     from models.base import load_base
     from trainer.config import make_config
     from trainer.data import ImageSet
@@ -69,7 +72,8 @@ def train_style(library, name: str, seed: int, steps: int = 6, **overrides):
 
     images = [pattern_image(seed * 10 + i) for i in range(3)]
     image_set = ImageSet(images=images, captions=[None] * 3, names=["a", "b", "c"])
-    cfg = make_config("Quick", style_name=name, steps=steps, seed=seed, learning_rate=5e-3, num_samples=1, **overrides)
+    settings = {"num_samples": 1, "validation_prompts": 0, "auto_caption": False, **overrides}
+    cfg = make_config("Quick", style_name=name, steps=steps, seed=seed, learning_rate=5e-3, **settings)
     events = list(train(cfg, image_set, load_base()))
     assert isinstance(events[-1], Finished), events[-1]
     save_style(library, events[-1])

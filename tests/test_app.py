@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -18,6 +20,7 @@ from PIL import Image
 from app import handlers
 from app.layout import build_ui
 from app.studio import Studio
+from styles.library import THUMB_SUFFIX, StyleLibrary
 from tests.conftest import pattern_image, train_style
 from tests.running_app import start_app, stop_app
 
@@ -54,6 +57,21 @@ def uploads(tmp_path):
     return files, str(folder / "more.zip")
 
 
+@pytest.fixture(scope="module")
+def styles_made(tmp_path_factory):
+    """ink and polka (trigger "dots"), 4-step styles made once for the module; `_add` copies them into a studio."""
+    library = StyleLibrary(tmp_path_factory.mktemp("styles"))
+    train_style(library, "ink", seed=1, steps=4, num_samples=0)
+    train_style(library, "polka", seed=2, steps=4, num_samples=0, trigger="dots")
+    return library
+
+
+def _add(studio: Studio, made, *names: str) -> None:
+    for name in names:
+        shutil.copy(made.path_for(name), studio.library.path_for(name))
+        shutil.copy(made.get(name).thumbnail, studio.library.path_for(name).with_suffix(THUMB_SUFFIX))
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -86,9 +104,17 @@ def test_upload_train_generate_blend_export_delete(uploads, tmp_path):
             return client.predict(files=[handle_file(str(f)) for f in files], style_name=name, preset="Quick", steps=8,
                                   num_samples=1, api_name="/train_style", **settings)
 
-        # Upload files (one style) and a zip with a caption (another), train both.
-        status, _, samples = train("zigzag", [*loose[:2], archive], learning_rate=5e-3)
+        # Caption an upload (a zip with a .txt caption among loose files), then train it with one caption edited.
+        rows, note = client.predict(files=[handle_file(f) for f in [*loose[:2], archive]], api_name="/caption_images")
+        assert [row["name"] for row in rows] == ["loose0.png", "loose1.png", "more.zip/more/z3.png",
+                                                 "more.zip/more/z4.png"]
+        assert rows[2]["source"] == ".txt" and {rows[0]["source"], rows[1]["source"]} <= {"captioner", "template"}
+        status, _, samples = train("zigzag", [*loose[:2], archive], learning_rate=5e-3,
+                                   captions={"loose1.png": "a square of stripes"})
         assert "finished" in status and len(samples) == 1
+        assert (workspace / "jobs" / "0001" / "images" / "0001.txt").read_text() == "a square of stripes"
+        assert json.loads((workspace / "jobs" / "0001" / "captions.json").read_text())["0001.png"] == (
+            "a square of stripes, zigzag")  # trained with the trigger word added
         status, _, _ = train("pastel", loose, seed=3, learning_rate=5e-3)
         assert "finished" in status
         listed = {style["name"]: style for style in client.predict(api_name="/list_styles")}
@@ -107,6 +133,18 @@ def test_upload_train_generate_blend_export_delete(uploads, tmp_path):
         assert "zigzag +0.80" in info and "pastel -0.50" in info
         recipe = json.loads(blended.text["style_studio"])
         assert recipe["styles"] == {"zigzag": 0.8, "pastel": -0.5} and recipe["seed"] == 7
+        assert recipe["prompt"] == "a red circle, zigzag, pastel"  # the trigger words of the styles in use
+        # A grid of both styles at two scales: one PNG with its recipe; too many cells are refused.
+        grid_path, grid_info = client.predict(prompt="a red circle", rows="styles", styles=["zigzag", "pastel"],
+                                              scales="0, 1", steps=2, api_name="/generate_grid")
+        grid = Image.open(grid_path)
+        cells = json.loads(grid.text["style_studio"])["grid"]["cells"]
+        assert "2 rows × 2 scales" in grid_info and [c["styles"] for c in cells] == [
+            {}, {"zigzag": 1.0}, {}, {"pastel": 1.0}]
+        assert grid.width > 2 * 192 and grid.height > 2 * 192
+        with pytest.raises(Exception, match="at most 64"):
+            client.predict(prompt="x", rows="seeds", styles=["zigzag"], seeds=", ".join(map(str, range(65))),
+                           scales="1", api_name="/generate_grid")
 
         # Export: a kohya-layout safetensors (the default download) that stock diffusers loads...
         exported = client.predict(name="zigzag", api_name="/export_style")
@@ -185,12 +223,12 @@ def test_submitting_picks_the_new_job_and_says_where_it_is_in_the_queue(studio, 
         handlers.submit_training(studio, page, uploads[0], "first", preset="Quick", steps=2)
 
 
-def test_existing_style_is_not_overwritten(studio, page, uploads):
-    train_style(studio.library, "keeper", seed=1)
-    before = studio.library.path_for("keeper").read_bytes()
+def test_existing_style_is_not_overwritten(studio, page, uploads, styles_made):
+    _add(studio, styles_made, "ink")
+    before = studio.library.path_for("ink").read_bytes()
     with pytest.raises(gr.Error, match="already exists"):
-        handlers.submit_training(studio, page, uploads[0], "keeper", preset="Quick", seed=5)
-    assert studio.library.path_for("keeper").read_bytes() == before and studio.jobs.jobs() == []
+        handlers.submit_training(studio, page, uploads[0], "ink", preset="Quick", seed=5)
+    assert studio.library.path_for("ink").read_bytes() == before and studio.jobs.jobs() == []
 
 
 @pytest.mark.slow
@@ -238,6 +276,120 @@ def test_queue_cancel_keep_while_generation_keeps_working(studio, page, uploads)
         handlers.cancel_job(studio, queued)
 
 
+# -- captions before training -------------------------------------------------------------------------
+def _expected_source(studio) -> str:
+    """What an image without a .txt gets: the embedded captioner's words when its weights are there."""
+    from models.captions import auto_captions
+
+    captions, _ = auto_captions([pattern_image(0)], studio.base.model_id, studio.base.family)
+    return "captioner" if captions[0] else "template"
+
+
+def test_caption_images_names_each_caption_and_its_source(studio, page, uploads):
+    loose, archive = uploads
+    rows, note = handlers.caption_images(studio, [*loose[:2], archive], "art of {trigger}")
+    assert [row["name"] for row in rows] == ["loose0.png", "loose1.png", "more.zip/more/z3.png", "more.zip/more/z4.png"]
+    assert rows[2] == {"name": "more.zip/more/z3.png", "caption": "a blue star, zigzag style", "source": ".txt"}
+    source = _expected_source(studio)
+    assert {row["source"] for i, row in enumerate(rows) if i != 2} == {source} and note
+    if source == "template":  # shown as it is: {trigger} is filled in at training, with the trigger of that moment
+        assert rows[0]["caption"] == "art of {trigger}"
+    off, note = handlers.caption_images(studio, loose[:1], "art of {trigger}", auto_caption=False)
+    assert off == [{"name": "loose0.png", "caption": "art of {trigger}", "source": "template"}] and "off" in note
+    with pytest.raises(gr.Error, match="notes.png: not an image"):
+        bad = Path(loose[0]).with_name("notes.png")
+        bad.write_text("<html>")
+        handlers.caption_images(studio, [str(bad)])
+
+
+def test_the_caption_editor_shows_a_thumbnail_per_image(studio, page, uploads):
+    shown = handlers.show_captions(studio, page, [uploads[1]], "art of {trigger}", None)
+    table = shown[page.captions]
+    assert list(table.columns) == handlers.CAPTION_COLUMNS and list(table["name"]) == [
+        "more.zip/more/z3.png", "more.zip/more/z4.png"]
+    assert list(table["source"]) == [".txt", _expected_source(studio)]
+    for cell, row in zip(table["image"], shown[page.caption_rows]):
+        assert cell.startswith("![thumbnail](gradio_api/file=") and Path(row["thumbnail"]).is_file()
+        assert Path(row["thumbnail"]).parent == studio.workspace / "previews"
+        assert Image.open(row["thumbnail"]).size == (64, 64)  # the picture as it trains, at most 128 px
+    assert handlers.show_captions(studio, page, [], None, None)[page.captions].empty
+
+
+def test_edited_captions_reach_the_jobs_images_folder(studio, page, uploads):
+    studio.jobs.close()  # nothing runs: the job's folder stays as submitted
+    loose, archive = uploads
+    shown = handlers.show_captions(studio, page, [*loose[:2], archive], "art of {trigger}", False)
+    table = shown[page.captions].copy()
+    table.loc[0, "caption"] = "a green stripe by {trigger}"  # edited, with the placeholder
+    table.loc[2, "caption"] = "a blue star"  # the .txt caption, edited
+    # loose1 and z4 keep the template as shown: left to the template of the form when Train is pressed
+    queued = handlers.submit_form(studio, page, [*loose[:2], archive], "zz", "zq", "an image of {trigger}",
+                                  "Quick", table, shown[page.caption_rows], steps="2")
+    assert "Captions given: 2;" in queued[page.job_message]
+    images = studio.workspace / "jobs" / queued[page.job_picker] / "images"
+    captions = {path.stem: path.read_text() for path in images.glob("*.txt")}
+    assert captions == {"0000": "a green stripe by zq", "0002": "a blue star"}  # the others: the template, at training
+
+    # The API takes {name: caption}, or /caption_images' rows; a name not in the upload is refused.
+    queued = handlers.submit_training(studio, page, loose[:2], "yy", captions={"loose1.png": "two dots"})
+    images = studio.workspace / "jobs" / queued[page.job_picker] / "images"
+    assert (images / "0001.txt").read_text() == "two dots" and not (images / "0000.txt").exists()
+    rows, _ = handlers.caption_images(studio, loose[:1])
+    queued = handlers.submit_training(studio, page, loose[:1], "xx", captions=[{**rows[0], "caption": "a dot"}])
+    assert (studio.workspace / "jobs" / queued[page.job_picker] / "images" / "0000.txt").read_text() == "a dot"
+    with pytest.raises(gr.Error, match="not in the upload: gone.png"):
+        handlers.submit_training(studio, page, loose[:1], "ww", captions={"gone.png": "x"})
+
+
+# -- the jobs panel's instruments ---------------------------------------------------------------------
+def test_the_validation_curve_strip_and_status_show_every_checkpoint(tmp_path):
+    from app.studio import validation_line
+    from trainer.jobs import JobRecord, Progress
+
+    validation = [{"step": 10, "score": 0.2, "images": ["a10.png", "b10.png"], "prompts": ["p", "q"]},
+                  {"step": 20, "score": 0.5, "images": ["a20.png", "b20.png"], "prompts": ["p", "q"]},
+                  {"step": 30, "score": 0.4, "images": ["a30.png", "b30.png"], "prompts": ["p", "q"]}]
+    chart = handlers.validation_chart(validation)
+    assert list(chart["step"]) == [0, 10, 20, 30] and list(chart["score"]) == [0.0, 0.2, 0.5, 0.4]
+    strip = handlers.validation_strip(validation)
+    assert strip["height"] == handlers.STRIP_TOP_PX + 3 * handlers.STRIP_ROW_PX  # three rows shown whole
+    assert strip["columns"] == 2 and [caption for _, caption in strip["value"]] == [
+        "step 30 · score 0.400", "step 30 · score 0.400", "★ step 20 · score 0.500", "★ step 20 · score 0.500",
+        "step 10 · score 0.200", "step 10 · score 0.200"]
+    assert handlers.validation_chart([]) is None and handlers.loss_chart([]) is None  # no empty first frame
+    record = JobRecord("0001", "ink", {"keep": "best"}, None, state="running")
+    assert validation_line(record, Progress(validation=validation)) == (
+        "The style will come from the best checkpoint so far: step 20, score 0.500.")
+    record.config["keep"] = "last"
+    line = validation_line(record, Progress(validation=validation))
+    assert line.startswith("Latest validation: step 30, score 0.400; the style is the last step's adapter")
+    assert validation_line(record, Progress()) == ""
+
+
+def test_the_styles_table_shows_the_step_and_score_a_style_comes_from():
+    from styles.library import StyleInfo
+
+    table = handlers.styles_table([
+        StyleInfo("ink", Path("ink.safetensors"), None, config={"steps": 200}, steps_done=120, validation_score=0.4567),
+        StyleInfo("old", Path("old.safetensors"), None, config={"steps": 50})])
+    assert list(table["steps"]) == [120, 50] and list(table["validation_score"]) == ["0.457", ""]
+
+
+@pytest.mark.slow
+def test_a_job_with_checkpoints_shows_its_validations(studio, page, uploads):
+    queued = handlers.submit_training(studio, page, uploads[0], "checked", preset="Quick", steps=4, checkpoint_every=2,
+                                      validation_prompts=2, num_samples=0)
+    last = _last(handlers.follow_job(studio, page, queued[page.job_picker]))
+    assert "finished" in last[page.status] and "Best validation: step" in last[page.status]
+    assert list(last[page.validation_plot]["step"]) == [0, 2, 4]
+    strip = last[page.validation_strip]
+    assert strip["columns"] == 2 and len(strip["value"]) == 4
+    assert re.search(r"^(★ )?step 4 · score", strip["value"][0][1])
+    info = studio.library.get("checked")
+    assert info.steps_done in (2, 4) and info.validation_score is not None
+    assert handlers.refresh_styles(studio, page, {}, None)[page.table]["validation_score"][0] != ""
+
+
 def test_presets_save_as_toml_and_load_back(studio, page):
     result = handlers.save_preset(studio, page, "crisp", "Best", rank=4, learning_rate=2e-4,
                                   target_modules="to_q, to_v")
@@ -257,34 +409,93 @@ def test_presets_save_as_toml_and_load_back(studio, page):
 
 
 # -- generation and the library through the handlers -------------------------------------------------
-def test_bad_generation_input_is_refused(studio, page):
-    train_style(studio.library, "keeper", seed=1)
+def test_bad_generation_input_is_refused(studio, page, styles_made):
+    _add(studio, styles_made, "ink")
     with pytest.raises(gr.Error, match="between -2.0 and 2.0"):
-        handlers.generate(studio, page, "x", styles={"keeper": 5})
+        handlers.generate(studio, page, "x", styles={"ink": 5})
     with pytest.raises(gr.Error, match="multiples of"):
         handlers.generate(studio, page, "x", width=65)
     with pytest.raises(gr.Error, match="Write a prompt"):
         handlers.generate(studio, page, "  ")
-    with pytest.raises(gr.Error, match="Unknown style.*Available styles: keeper"):
+    with pytest.raises(gr.Error, match="Unknown style.*Available styles: ink"):
         handlers.generate(studio, page, "x", styles={"gone": 1})
 
 
-def test_generate_reports_the_blend_and_saves_pngs_with_their_recipe(studio, page):
-    train_style(studio.library, "ink", seed=1)
+def test_generate_reports_the_blend_and_saves_pngs_with_their_recipe(studio, page, styles_made):
+    _add(studio, styles_made, "ink")
     result = handlers.generate(studio, page, "a red circle", seed=3, steps=4, styles={"ink": 0.5})
-    assert result[page.info] == "Seed 3 · styles: ink +0.50"
+    # The trigger word of the style in use joins the prompt; the info line and the recipe say so.
+    assert result[page.info] == "Seed 3 · styles: ink +0.50 · prompt used: `a red circle, ink`"
     image = Image.open(result[page.gallery][0])
     assert Path(result[page.gallery][0]).parent == studio.workspace / "outputs"
-    assert (json.loads(image.text["style_studio"])["styles"] == {"ink": 0.5}
-            and "<lora:ink:0.5>" in image.text["parameters"])
-    assert handlers.generate(studio, page, "a red circle", steps=4)[page.info] == "Seed 0 · styles: none (base model)"
+    recipe = json.loads(image.text["style_studio"])
+    assert recipe["styles"] == {"ink": 0.5} and recipe["prompt"] == "a red circle, ink"
+    assert image.text["parameters"].startswith("a red circle, ink <lora:ink:0.5>")
+    assert handlers.generate(studio, page, "a red circle", steps=4)[page.info] == (
+        "Seed 0 · styles: none (base model) · prompt used: `a red circle`")
 
 
-def test_the_library_refresh_redraws_only_when_the_styles_change(studio, page):
+@pytest.mark.parametrize("add_triggers,styles,prompt", [
+    (True, {"ink": 0.5}, "a red circle, ink"),
+    (False, {"ink": 0.5}, "a red circle"),  # the checkbox off: the prompt as written
+    (True, {"ink": 0.0}, "a red circle"),  # a style at 0 is not in use: no trigger
+    (True, {"ink": -0.5}, "a red circle, ink"),  # pushed away from: in use, its trigger says what to push from
+])
+def test_trigger_words_are_added_to_the_prompt_of_the_styles_in_use(studio, page, styles_made, add_triggers, styles,
+                                                                    prompt):
+    _add(studio, styles_made, "ink")
+    result = handlers.generate(studio, page, "a red circle", seed=3, steps=2, styles=styles, add_triggers=add_triggers)
+    assert json.loads(Image.open(result[page.gallery][0]).text["style_studio"])["prompt"] == prompt
+    assert result[page.info].endswith(f"prompt used: `{prompt}`")
+
+
+def test_generate_grid_saves_one_labelled_png_with_its_recipe(studio, page, styles_made):
+    _add(studio, styles_made, "ink", "polka")
+    result = handlers.generate_grid(studio, page, "a red circle", "styles", [], "0, 1, 2", "0, 0.5, 1", seed=4,
+                                    steps=2)
+    path = Path(result[page.grid_image])
+    assert path.parent == studio.workspace / "outputs" and path.name.startswith("grid-")
+    assert result[page.grid_info].startswith("Grid of 2 rows × 3 scales (seed 4; trigger words")
+    grid = Image.open(path)
+    recipe = json.loads(grid.text["style_studio"])
+    cells = recipe["grid"]["cells"]  # no styles named: every style, in the library's order
+    assert recipe["grid"]["row_labels"] == ["ink", "polka"] and [c["scale"] for c in cells] == [0, 0.5, 1] * 2
+    assert cells[-1]["styles"] == {"polka": 1.0} and cells[-1]["prompt"] == "a red circle, dots"
+    # 64 px pictures drawn 3x, whole, in a sheet that ends one gap after the last of them; labels on the left.
+    from styles.grid import PAD
+
+    assert all(c["box"][2] - c["box"][0] == c["box"][3] - c["box"][1] == 192 for c in cells)
+    assert grid.size == (cells[-1]["box"][2] + PAD, cells[-1]["box"][3] + PAD)
+    labels = np.asarray(grid.convert("L").crop((0, cells[0]["box"][1], cells[0]["box"][0], cells[0]["box"][3])))
+    assert (labels < 128).any()
+    assert "Y Type: Style, Y Values: ink, polka" in grid.text["parameters"] and "Seed: 4" in grid.text["parameters"]
+
+    seeds = handlers.generate_grid(studio, page, "a red circle", "seeds", ["polka"], "7, 8", "1", steps=2,
+                                   add_triggers=False)
+    cells = json.loads(Image.open(seeds[page.grid_image]).text["style_studio"])["grid"]["cells"]
+    assert [(c["row"], c["seed"], c["styles"], c["prompt"]) for c in cells] == [
+        ("seed 7", 7, {"polka": 1.0}, "a red circle"), ("seed 8", 8, {"polka": 1.0}, "a red circle")]
+
+
+@pytest.mark.parametrize("rows,seeds,scales,message", [
+    ("seeds", ", ".join(map(str, range(13))), "0, 0.25, 0.5, 0.75, 1", "= 65 pictures; at most 64"),
+    ("styles", "", "0, big", "'big' is not one"),
+    ("seeds", "1.5", "0, 1", "Seeds must be whole numbers"),
+])
+def test_generate_grid_refuses_too_many_cells_and_bad_values_before_drawing(studio, page, styles_made, monkeypatch,
+                                                                            rows, seeds, scales, message):
+    _add(studio, styles_made, "ink")
+    monkeypatch.setattr(studio.blender, "generate", lambda *a, **k: pytest.fail("drew a picture"))
+    with pytest.raises(gr.Error, match=message):
+        handlers.generate_grid(studio, page, "a red circle", rows, ["ink"], seeds, scales)
+    assert not list((studio.workspace / "outputs").glob("grid-*"))
+
+
+def test_the_library_refresh_redraws_only_when_the_styles_change(studio, page, styles_made):
     first = handlers.refresh_styles(studio, page, {}, None)
     assert first[page.known_names] == [] and first[page.thumbs] == [] and first[page.table].empty
     assert handlers.refresh_styles(studio, page, {}, []) == gr.skip()  # nothing changed: every output kept
-    train_style(studio.library, "ink", seed=1)
+    _add(studio, styles_made, "ink")
     after = handlers.refresh_styles(studio, page, {"gone": 0.3}, [])
     assert after[page.known_names] == ["ink"] and after[page.blend] == {"ink": 0.0}  # a slider per style, at 0
     assert after[page.picker]["choices"] == ["ink"] and list(after[page.table]["name"]) == ["ink"]
@@ -308,8 +519,8 @@ def test_the_jobs_refresh_keeps_the_picked_job(studio, page, uploads):
     assert isinstance(table, pd.DataFrame) and list(table["queue"]) == [2, 1] and list(table["state"]) == ["queued"] * 2
 
 
-def test_export_import_rename_delete(studio, page, tmp_path):
-    train_style(studio.library, "ink", seed=1)
+def test_export_import_rename_delete(studio, page, styles_made, tmp_path):
+    _add(studio, styles_made, "ink")
     kohya, diffusers_layout = handlers.export_style(studio, "ink"), handlers.export_style(studio, "ink", "diffusers")
     assert Path(kohya).name == Path(diffusers_layout).name == "ink.safetensors" and kohya != diffusers_layout
     with pytest.raises(gr.Error, match="'ink' already exists"):

@@ -82,6 +82,7 @@ def test_train_tab_follows_a_job_live_then_cancel_and_keep(page):
     # Samples arrive every 100 steps from fixed prompts and seeds, while the job still runs.
     samples = page.locator(".pixelated").filter(has=page.get_by_text("Samples")).locator("img")
     expect(samples.first).to_be_visible()
+    samples.first.scroll_into_view_if_needed()  # gallery pictures load lazily: only near the viewport
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=samples.first.element_handle())
     expect(page.get_by_text(re.compile("running · step"))).to_be_visible()
     _screenshot(page, "train-tab-running")
@@ -157,3 +158,128 @@ def test_upload_train_blend_two_sliders_generate_and_download(page, tmp_path):
     metadata, table = read_safetensors_header(saved)
     assert metadata["ss_output_name"] == "zigzag" and all(key.startswith("lora_unet_") for key in table)
     _screenshot(page, "styles-tab-download")
+
+
+def _edit_cell(table, row: int, column: int, text: str) -> None:
+    """Type `text` into a cell of an editable gr.Dataframe, as a user does: double-click, type, Enter."""
+    cell = table.locator(f'[data-testid="cell-{row}-{column}"]')
+    cell.dblclick()
+    box = cell.locator("textarea, input").first
+    box.fill(text)
+    box.press("Enter")
+
+
+def _whole(page, image) -> dict:
+    """The <img>'s natural size, the size its picture is drawn at (object-fit applied), and whether it is drawn
+    whole: inside its box, not cropped by object-fit: cover, not stretched out of its proportions."""
+    return page.evaluate(
+        """img => { const r = img.getBoundingClientRect(), box = img.parentElement.getBoundingClientRect();
+                    const fit = getComputedStyle(img).objectFit, [w, h] = [img.naturalWidth, img.naturalHeight];
+                    let s = Math.min(r.width / w, r.height / h);
+                    if (fit === "scale-down") s = Math.min(s, 1);
+                    if (fit === "none") s = 1;
+                    const drawn = fit === "fill" ? [r.width, r.height] : [w * s, h * s];
+                    const inside = r.left >= box.left - 1 && r.right <= box.right + 1 && r.top >= box.top - 1
+                                   && r.bottom <= box.bottom + 1;
+                    const whole = inside && fit !== "cover" && drawn[0] <= r.width + 1 && drawn[1] <= r.height + 1
+                                  && Math.abs(drawn[0] / drawn[1] - w / h) < 0.02;
+                    return {natural: [w, h], drawn, fit, whole}; }""", image.element_handle())
+
+
+def test_caption_editor_then_a_job_with_its_validation_curve_and_strip(page, tmp_path):
+    """Upload pictures (one with a .txt), see and edit their captions, train; the Jobs panel shows the loss line,
+    the validation score per checkpoint and the pictures of every checkpoint."""
+    page, workspace = page
+    from playwright.sync_api import expect
+
+    from tests.conftest import pattern_image
+
+    expect.set_options(timeout=STEP_TIMEOUT_MS)
+    uploads = []
+    for i in range(3):
+        uploads.append(tmp_path / f"zig{i}.png")
+        pattern_image(40 + i).save(uploads[-1])
+    (tmp_path / "zig0.txt").write_text("a striped square")
+    uploads.append(tmp_path / "zig0.txt")
+
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#training-files input[type=file]").set_input_files([str(p) for p in uploads])
+    editor = page.locator("#caption-editor")
+    expect(editor.get_by_text("zig2.png")).to_be_visible()
+    expect(editor.get_by_text("a striped square")).to_be_visible()
+    expect(editor.get_by_text(".txt", exact=True)).to_be_visible()
+    thumbnails = editor.locator("[data-testid^=cell-] img[alt=thumbnail]")  # one per row of the table
+    expect(thumbnails).to_have_count(3)
+    for i in range(3):
+        page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=thumbnails.nth(i).element_handle())
+    _edit_cell(editor, 1, 2, "two wide stripes")  # zig1.png's caption
+    expect(editor.get_by_text("two wide stripes")).to_be_visible()
+    _screenshot(page, "train-tab-caption-editor")
+
+    page.get_by_label("Style name").fill("zigzag")
+    page.get_by_text("Advanced", exact=True).click()
+    for field, value in (("steps", "20"), ("checkpoint_every", "10"), ("validation_prompts", "2"),
+                         ("num_samples", "1")):
+        page.locator(f"#advanced-{field} textarea").fill(value)
+    page.get_by_label("Quick").check()
+    page.get_by_role("button", name="Train", exact=True).click()
+    expect(page.get_by_text(re.compile(r"Queued job 0001 \(position 1\)\. Captions given: [23]"))).to_be_visible()
+    images = workspace / "jobs" / "0001" / "images"
+    assert (images / "0001.txt").read_text() == "two wide stripes"  # the edit reached the job
+    assert (images / "0000.txt").read_text() == "a striped square"
+
+    expect(page.get_by_text(re.compile(r"Job 0001 · zigzag · finished"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"Best validation: step (10|20), score -?\d\.\d{3}"))).to_be_visible()
+    strip = page.locator("#validation-strip")
+    expect(strip.get_by_text(re.compile(r"^(★ )?step 20 · score -?\d\.\d{3}$"))).to_have_count(2)
+    expect(strip.get_by_text(re.compile(r"^(★ )?step 10 · score -?\d\.\d{3}$"))).to_have_count(2)
+    expect(strip.get_by_text(re.compile(r"^★ step"))).to_have_count(2)  # the best checkpoint's row
+    # The curve and the loss chart draw lines (a line needs a path with more than one point).
+    for plot in ("#validation-plot", "#loss-plot"):
+        line = page.locator(f"{plot} .mark-line path").first
+        expect(line).to_be_attached()
+        assert line.get_attribute("d").count("L") >= 1, plot
+    expect(page.locator("#loss-plot").get_by_text("mean of 20")).to_be_visible()  # the legend is not cut off
+    page.locator("#validation-plot").scroll_into_view_if_needed()
+    _screenshot(page, "train-tab-job-validation")
+
+
+def test_trigger_words_beside_the_sliders_and_a_whole_grid(page):
+    """The Generate tab names each style's trigger word, adds it to the prompt, and draws a scale grid whole."""
+    page, workspace = page
+    from playwright.sync_api import expect
+
+    from styles.library import StyleLibrary
+    from tests.conftest import train_style
+
+    expect.set_options(timeout=STEP_TIMEOUT_MS)
+    library = StyleLibrary(workspace)  # styles in the library: the page picks them up
+    train_style(library, "sunset", seed=3, steps=4, num_samples=0, trigger="snst")
+    train_style(library, "ink", seed=1, steps=4, num_samples=0)
+
+    page.get_by_role("tab", name="Generate").click()
+    expect(page.get_by_text("trigger: snst")).to_be_visible()
+    expect(page.get_by_text("trigger: ink", exact=True)).to_be_visible()
+    checkbox = page.get_by_label("Add the trigger words of the styles in use to the prompt")
+    expect(checkbox).to_be_checked()
+    number = page.get_by_label("number input for sunset")
+    number.fill("0.8")
+    number.press("Enter")
+    steps = page.get_by_label("number input for Steps")
+    steps.fill("4")
+    steps.press("Enter")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.get_by_text(re.compile(r"prompt used: a red circle, snst"))).to_be_visible()
+    _screenshot(page, "generate-tab-trigger-words")
+
+    page.get_by_text("Scale grid: styles or seeds across scales, in one picture", exact=True).click()
+    page.get_by_role("button", name="Draw grid").click()
+    expect(page.get_by_text(re.compile(r"Grid of 2 rows × 5 scales \(seed 0"))).to_be_visible()
+    picture = page.locator("#grid-image img").first
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=picture.element_handle())
+    shown = _whole(page, picture)
+    assert shown["whole"] and shown["drawn"][0] >= 0.9 * min(shown["natural"][0], 1100), shown  # whole, and big
+    grids = list((workspace / "outputs").glob("grid-*.png"))
+    assert len(grids) == 1
+    picture.scroll_into_view_if_needed()
+    _screenshot(page, "generate-tab-grid")
