@@ -67,6 +67,11 @@ class TrainConfig:
         0.1, "Share of steps trained with an empty caption, so the style also holds without its prompt words.",
         minimum=0.0, maximum=1.0,
     )
+    min_snr_gamma: float = _field(
+        0.0, "Min-SNR loss weighting (Hang et al. 2023): each step's loss weighted by min(SNR, gamma) / SNR, "
+        "so the low-noise steps (fine detail) count less; 0 turns it off, 5 is the paper's value.",
+        minimum=0.0, maximum=100.0,
+    )
     seed: int = _field(
         0, "Random seed; the same seed and data give the same adapter.", minimum=0, maximum=2**31 - 1, step=1
     )
