@@ -48,7 +48,7 @@ from styles.library import StyleLibrary
 from trainer.config import DEFAULT_PRESET, make_config, parse_overrides
 from trainer.data import ImageSet
 from trainer.events import Finished, Started, Step
-from trainer.fidelity import monotonic, paired_distance, shift, style_distance
+from trainer.fidelity import distance_parts, monotonic, paired_distance, shift, style_distance
 from trainer.train import train
 
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -111,8 +111,9 @@ class Setting:
         return f"{self.example.name}-{'cap' if self.captioned else 'nocap'}-s{self.seed}"
 
 
-def train_setting(blender: Blender, library: StyleLibrary, setting: Setting, overrides: dict) -> tuple[float, str]:
-    """Train one setting's style into the library as the app would; (seconds, caption note)."""
+def train_setting(blender: Blender, library: StyleLibrary, setting: Setting,
+                  overrides: dict) -> tuple[float, str, str]:
+    """Train one setting's style into the library as the app would; (seconds, caption note, step kept)."""
     pairs = setting.example.images()
     # A user's upload has no .txt files: its captions are None, and train() captions them as the app does.
     captions = [c if setting.captioned else None for _, c in pairs]
@@ -130,7 +131,7 @@ def train_setting(blender: Blender, library: StyleLibrary, setting: Setting, ove
     if not isinstance(last, Finished):
         raise SystemExit(f"training {setting.style_name} failed: {last}")
     library.save(setting.style_name, last.adapter.to_bytes(), overwrite=True)
-    return time.perf_counter() - started, note
+    return time.perf_counter() - started, note, last.adapter.info.get("steps_done", "")
 
 
 class Drawer:
@@ -166,6 +167,8 @@ def measure(drawer: Drawer, setting: Setting, held_out: list[scenes.Scene], base
         "shift": shift(distances[-1], distances[0]),
         "ceiling": shift(style_distance(perfect, reference), style_distance([i for i, _ in renders], reference)),
         "paired": shift(paired_distance(drawn[1.0], ideals), paired_distance(base_images, ideals)),
+        "parts": [shift(a, b) for a, b in zip(distance_parts(drawn[1.0], reference),
+                                              distance_parts(base_images, reference))],
         "monotonic": monotonic(distances),
         "colour0": colour_right(base_images, held_out),
         "colour1": colour_right(drawn[1.0], held_out),
@@ -210,9 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.styles:
             for mode in args.modes:
                 setting = Setting(EXAMPLES[name], mode == "captions", seed)
-                seconds, note = train_setting(blender, library, setting, overrides)
+                seconds, note, kept = train_setting(blender, library, setting, overrides)
                 row = measure(drawer, setting, held_out, base_images, references[name])
-                rows.append({**row, "train_s": seconds, "note": note})
+                rows.append({**row, "train_s": seconds, "note": note, "kept": kept})
                 print(f"  {setting.style_name}: trained in {seconds:.0f} s ({note}); held-out shift "
                       f"{row['shift']:.2f}, paired {row['paired']:.2f}", flush=True)
 
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_table(rows: list[dict], references: dict[str, list[Image.Image]]) -> bool:
     header = "".join(f"{'d@' + format(s, 'g'):>7s}" for s in SCALES)
-    print(f"{'style':22s}{'train':>7s}{header}{'shift':>7s}{'ceil':>6s}{'paired':>8s}{'mono':>6s}"
+    print(f"{'style':22s}{'train':>7s}{'step':>6s}{header}{'shift':>7s}{'ceil':>6s}{'paired':>8s}{'mono':>6s}"
           f"{'colour @0->@1':>15s}{'train caps':>11s}")
     ok = True
     for row in rows:
@@ -240,10 +243,13 @@ def print_table(rows: list[dict], references: dict[str, list[Image.Image]]) -> b
         kept = setting.example.recolours or row["colour1"] >= row["colour0"] - 0.05
         colour = f"{row['colour0']:.0%}->{row['colour1']:.0%}" + ("" if setting.example.recolours else
                                                                      " ok" if kept else " !")
-        print(f"{setting.style_name:22s}{row['train_s']:6.0f}s" + "".join(f"{d:7.3f}" for d in row["d"])
+        print(f"{setting.style_name:22s}{row['train_s']:6.0f}s{row['kept']:>6s}"
+              + "".join(f"{d:7.3f}" for d in row["d"])
               + f"{row['shift']:7.2f}{row['ceiling']:6.2f}{row['paired']:8.2f}{'yes' if row['monotonic'] else 'NO':>6s}"
               + f"{colour:>15s}{row['train_shift']:11.2f}")
         ok &= row["shift"] >= 0.5 and row["monotonic"] and row["train_s"] < 180 and kept
+    print("shift by part (colour / texture / structure): " + "; ".join(
+        f"{row['setting'].style_name} " + " / ".join(f"{p:.2f}" for p in row["parts"]) for row in rows))
     floors = ", ".join(f"{name} {noise_floor(reference):.3f}" for name, reference in references.items())
     print(f"noise floor (d between the two halves of each style's reference set): {floors}")
     captioners = sorted({row["note"] for row in rows})

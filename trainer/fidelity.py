@@ -95,10 +95,13 @@ def set_distance(features: np.ndarray, reference: np.ndarray) -> float:
 
 def style_distance(images: list[Image.Image], reference: list[Image.Image]) -> float:
     """Colour + texture + structure distance between a set of images (two or more) and a style's pictures."""
-    return sum(
-        set_distance(np.stack([features(i) for i in images]), np.stack([features(i) for i in reference]))
-        for features in FEATURES
-    )
+    return sum(distance_parts(images, reference))
+
+
+def distance_parts(images: list[Image.Image], reference: list[Image.Image]) -> list[float]:
+    """The colour, texture and structure distances that style_distance adds up."""
+    return [set_distance(np.stack([features(i) for i in images]), np.stack([features(i) for i in reference]))
+            for features in FEATURES]
 
 
 def paired_distance(images: list[Image.Image], ideals: list[Image.Image]) -> float:
