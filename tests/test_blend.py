@@ -157,8 +157,12 @@ def test_generated_images_carry_their_recipe(blender, tmp_path):
     image = blender.generate("a blue star", negative_prompt="noise", seed=11, steps=4, styles={"pastel": 0.5})[0]
     path = save_png(image, tmp_path / "out.png")
     text = Image.open(path).text
-    assert "a blue star <lora:pastel:0.5>" in text["parameters"] and "Seed: 11" in text["parameters"]
+    trigger = blender.library.get("pastel").trigger
+    # the prompt actually used: the style's trigger word added (issue 17)
+    assert f"a blue star, {trigger} <lora:pastel:0.5>" in text["parameters"] and "Seed: 11" in text["parameters"]
     assert '"styles": {"pastel": 0.5}' in text["style_studio"]
+    plain = blender.generate("a blue star", seed=11, steps=4, styles={"pastel": 0.5}, add_triggers=False)[0]
+    assert plain.info["parameters"].startswith("a blue star <lora:pastel:0.5>")
 
 
 @pytest.mark.parametrize("scales", [{"ink": 0.0}, {"ink": 1.0, "pastel": -0.5}], ids=["all-zero", "fused"])
