@@ -206,6 +206,12 @@ def train(
                 return asked
             return bool(accelerator.reduce(torch.tensor([float(asked)], device=accelerator.device), "sum").item())
 
+        # A stop asked for during a checkpoint's validation skipped it: draw it now, from that checkpoint's
+        # weights, so a resumed run chooses its best among the same checkpoints as an uninterrupted one.
+        if validator and state and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
+                and state.step not in dict(validator.scores):
+            yield from validate(state.step)
+
         # 4. The loop.
         unet.train()
         started, done = time.perf_counter(), first_step
