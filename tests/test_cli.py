@@ -81,8 +81,10 @@ LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "
 def test_accelerate_launch_trains_one_style_over_two_processes(tmp_path, image_folder):
     """Data parallel on two CPU processes (gloo): one style is saved, and it differs from a one-process run;
     Ctrl-C and --resume over two processes end with the uninterrupted two-process adapter."""
+    # The last step's weights are compared: the interrupted run validates more often than the reference run
+    # (checkpoint_every differs), so a best-validation choice could differ without anything being wrong.
     common = ["--preset", "Quick", "--set", "num_samples=0", "--set", "learning_rate=1e-3", "--set", "style_name=dp",
-              "--images", str(image_folder)]
+              "--set", "validation_prompts=0", "--set", "keep=last", "--images", str(image_folder)]
     result = subprocess.run([*LAUNCH_2, *common, "--set", "steps=40", "--workspace", str(tmp_path / "dp")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -133,7 +133,7 @@ def test_kill_9_of_the_app_then_resume_gives_the_uninterrupted_adapter(tmp_path)
         assert listed["0001"]["state"] == "interrupted", listed
         assert "The app stopped while this job was running" in listed["0001"]["message"]
         client.predict(job_id="0001", api_name="/resume_job")
-        status, _, _ = client.predict(job_id="0001", api_name="/follow_job")  # returns when the job has stopped
+        status, *_ = client.predict(job_id="0001", api_name="/follow_job")  # returns when the job has stopped
         assert "finished" in status, status
     finally:
         stop_app(app)
