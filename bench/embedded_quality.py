@@ -34,14 +34,8 @@ def held_out_scenes() -> list[scenes.Scene]:
 
 def seen_scenes(count: int, seed: int = 1) -> list[scenes.Scene]:
     """`count` one-object prompts whose (shape, colour) pair was seen in pretraining."""
-    rng = random.Random(seed)
-    result = []
-    while len(result) < count:
-        shape, colour, background = (rng.choice(scenes.SHAPES), rng.choice(list(scenes.COLOURS)),
-                                     rng.choice(list(scenes.COLOURS)))
-        if (shape, colour) not in scenes.HELD_OUT and colour != background:
-            result.append(scenes.Scene(shape, colour, background))
-    return result
+    draws = scenes.one_object_draws(random.Random(seed))
+    return [scenes.Scene(*draw) for draw, _ in zip(draws, range(count))]
 
 
 @torch.no_grad()

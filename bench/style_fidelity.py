@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 import embedded
 from bench.embedded_quality import draw
@@ -69,31 +69,20 @@ def held_out_scenes(count: int = HELD_OUT_COUNT, seed: int = HELD_OUT_SEED) -> l
     validation = set(content_prompts(embedded.EMBEDDED_ID, 16))
     rng = random.Random(seed)
     result = []
-    while len(result) < count:
-        shape, colour, background = rng.choice(scenes.SHAPES), rng.choice(list(scenes.COLOURS)), rng.choice(
-            list(scenes.COLOURS))
-        if colour == background or (shape, colour) in scenes.HELD_OUT or (shape, colour, background) in trained:
+    for shape, colour, background in scenes.one_object_draws(rng):
+        if len(result) == count:
+            return result
+        if (shape, colour, background) in trained:
             continue
         scene = scenes.Scene(shape, colour, background, size=rng.choice(["small", "", "big"]),
                              position=rng.choice(list(scenes.POSITIONS)))
         if scene not in result and scenes.Scene(shape, colour, background).caption() not in validation:
             result.append(scene)
-    return result
-
-
-def object_mask(image: Image.Image) -> Image.Image:
-    """Pixels that differ clearly from the border's median colour: the drawn objects, as an "L" mask."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    edge = max(1, pixels.shape[0] // 16)
-    border = np.concatenate([pixels[:edge].reshape(-1, 3), pixels[-edge:].reshape(-1, 3),
-                             pixels[:, :edge].reshape(-1, 3), pixels[:, -edge:].reshape(-1, 3)])
-    stands_out = np.linalg.norm(pixels - np.median(border, axis=0), axis=2) > 60
-    return Image.fromarray(stands_out.astype(np.uint8) * 255, "L").filter(ImageFilter.MedianFilter(3))
 
 
 def ideal(example: Example, image: Image.Image) -> Image.Image:
     """What a perfect transfer makes of a base picture: the style's own transform applied to it."""
-    return example.transform(image.convert("RGB"), object_mask(image))
+    return example.transform(image.convert("RGB"), scenes.object_mask(image))
 
 
 def colour_right(images: list[Image.Image], scene_list: list[scenes.Scene]) -> float:

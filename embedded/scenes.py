@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,18 @@ def vocabulary() -> list[str]:
     words = {"a", "an", "at", "the", "on", "background"} | set(COUNTS) | set(TEXTURES) | set(COLOURS)
     words |= set(SHAPES) | set(PLURALS.values()) | {w for w in SIZES if w} | {w for w in POSITIONS if w}
     return sorted(words)
+
+
+def one_object_draws(rng: random.Random) -> Iterator[tuple[str, str, str]]:
+    """Endless (shape, colour, background) draws from `rng` that the base draws reliably.
+
+    Pairs kept out of pretraining (HELD_OUT) and objects the colour of their background are skipped.
+    A caller may draw more from `rng` between items (sizes, places): the sequence stays reproducible.
+    """
+    while True:
+        shape, colour, background = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(COLOURS))
+        if colour != background and (shape, colour) not in HELD_OUT:
+            yield shape, colour, background
 
 
 def random_scene(rng: random.Random, allow_held_out: bool = False) -> Scene:
@@ -183,6 +196,21 @@ def nearest_colour(rgb) -> str:
     return _NAMES[int(_nearest_index(rgb))]
 
 
+def _stand_out(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(background colour, mask of the pixels that differ clearly from it); the background is the border's median."""
+    edge = max(1, pixels.shape[0] // 16)
+    border = np.concatenate([pixels[:edge].reshape(-1, 3), pixels[-edge:].reshape(-1, 3),
+                             pixels[:, :edge].reshape(-1, 3), pixels[:, -edge:].reshape(-1, 3)])
+    background = np.median(border, axis=0)
+    return background, np.linalg.norm(pixels - background, axis=2) > 60
+
+
+def object_mask(image: Image.Image) -> Image.Image:
+    """The drawn objects of a scene picture as an "L" mask: what stands out from the border, specks removed."""
+    stands_out = _stand_out(np.asarray(image.convert("RGB"), dtype=np.float32))[1]
+    return Image.fromarray(stands_out.astype(np.uint8) * 255, "L").filter(ImageFilter.MedianFilter(3))
+
+
 def read_colours(image: Image.Image) -> tuple[str, str | None]:
     """(background colour, object colour) of a one-object scene; object None when nothing stands out.
 
@@ -195,13 +223,7 @@ def read_colours(image: Image.Image) -> tuple[str, str | None]:
     """
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     n = pixels.shape[0]
-    edge = max(1, n // 16)
-    border = np.concatenate(
-        [pixels[:edge].reshape(-1, 3), pixels[-edge:].reshape(-1, 3),
-         pixels[:, :edge].reshape(-1, 3), pixels[:, -edge:].reshape(-1, 3)]
-    )
-    background = np.median(border, axis=0)
-    stands_out = np.linalg.norm(pixels - background, axis=2) > 60
+    background, stands_out = _stand_out(pixels)
     middle = slice(n // 4, 3 * n // 4)
     centre = pixels[middle, middle]
     differs = centre[stands_out[middle, middle]]

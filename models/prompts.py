@@ -8,6 +8,7 @@ AUTOMATIC1111 and kohya users put in their sample prompts.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import embedded
@@ -36,15 +37,11 @@ def content_prompts(model_id: str, count: int, avoid: set[str] = frozenset(), se
     avoid = {caption.strip().lower() for caption in avoid}
     if model_id != embedded.EMBEDDED_ID:
         return [prompt for prompt in EVERYDAY_SUBJECTS if prompt not in avoid][:count]
-    rng = random.Random(seed)
     result: list[str] = []
-    for _ in range(1000 * max(count, 1)):  # bounded: the scene world holds thousands of one-object prompts
+    draws = scenes.one_object_draws(random.Random(seed))
+    for shape, colour, background in itertools.islice(draws, 1000 * max(count, 1)):  # bounded: `avoid` may hold all
         if len(result) == count:
             break
-        shape, colour, background = rng.choice(scenes.SHAPES), rng.choice(list(scenes.COLOURS)), rng.choice(
-            list(scenes.COLOURS))
-        if colour == background or (shape, colour) in scenes.HELD_OUT:  # pairs the base draws reliably
-            continue
         prompt = scenes.Scene(shape, colour, background).caption()
         if prompt not in result and not any(_shows(caption, shape, colour, background) for caption in avoid):
             result.append(prompt)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from bench.style_fidelity import held_out_scenes, ideal, object_mask
+from bench.style_fidelity import held_out_scenes, ideal
 from embedded import scenes
 from embedded.examples import EXAMPLES
 from trainer.fidelity import monotonic, paired_distance, shift, style_distance
@@ -57,6 +57,6 @@ def test_a_perfect_transfer_scores_near_1_on_the_paired_distance_and_plain_pictu
 def test_the_object_mask_covers_the_drawn_object():
     rng = random.Random(4)
     image, mask = scenes.render(scenes.Scene("square", "red", "blue", size="big"), rng)
-    found = object_mask(image)
+    found = scenes.object_mask(image)
     overlap = sum(1 for a, b in zip(found.getdata(), mask.getdata()) if (a > 127) == (b > 127))
     assert overlap / (64 * 64) > 0.95
