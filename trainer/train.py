@@ -282,19 +282,16 @@ def train(
         if samples:
             yield Sample(step=done, images=samples, prompts=sample_prompts)
         thumbnail = samples[0] if samples else images.images[0]
-        lora_state, info = adapter_state(), {**style_info, "steps_done": str(done)}
+        lora_state, kept_step, kept_info = adapter_state(), done, {"steps_done": str(done)}
         if validator:
             if not validator.scores or validator.scores[-1][0] != done:
                 yield from validate(done)
-            if cfg.keep == "best" and validator.best_adapter is not None:  # its best on new content, not the last
-                lora_state, info["steps_done"] = validator.best_adapter, str(validator.best_step)
-                thumbnail = validator.best_images[0] if validator.best_images else thumbnail
-            scores = dict(validator.scores)
-            if int(info["steps_done"]) in scores:
-                info["validation_score"] = f"{scores[int(info['steps_done'])]:.4f}"
-                info["validation_scores"] = json.dumps(validator.scores)
-        adapter = style_adapter(cfg, lora_state, info, losses)
-        yield Finished(cfg.style_name, done, adapter, thumbnail=thumbnail, kept_step=int(info["steps_done"]))
+            lora_state, kept_step, kept_info = kept_weights(cfg.keep, lora_state, done, validator.best_adapter,
+                                                            validator.best_step, validator.scores)
+            if lora_state is validator.best_adapter and validator.best_images:  # the kept weights' own picture
+                thumbnail = validator.best_images[0]
+        adapter = style_adapter(cfg, lora_state, {**style_info, **kept_info}, losses)
+        yield Finished(cfg.style_name, done, adapter, thumbnail=thumbnail, kept_step=kept_step)
     finally:  # the pipeline is claimed for the run: give it back as it came
         unet.eval()
         if TRAINING_ADAPTER in getattr(unet, "peft_config", {}):
@@ -414,14 +411,23 @@ def checkpoint_adapter(state: TrainingState, style_name: str) -> StyleAdapter:
     its best validation so far, as a finished run would choose, unless the run was set to keep the last step."""
     info = dict(state.info)
     cfg = TrainConfig.from_dict({**json.loads(info.pop("config")), "style_name": style_name})
-    adapter, info["steps_done"] = state.adapter, str(state.step)
-    if cfg.keep == "best" and state.best_adapter:
-        adapter, info["steps_done"] = state.best_adapter, str(state.best_step)
-    scores = dict(state.scores)
-    if int(info["steps_done"]) in scores:
-        info["validation_score"] = f"{scores[int(info['steps_done'])]:.4f}"
-        info["validation_scores"] = json.dumps(state.scores)
-    return style_adapter(cfg, adapter, info, state.losses)
+    adapter, _, kept_info = kept_weights(cfg.keep, state.adapter, state.step, state.best_adapter, state.best_step,
+                                         state.scores)
+    return style_adapter(cfg, adapter, {**info, **kept_info}, state.losses)
+
+
+def kept_weights(keep: str, last: dict, last_step: int, best: dict | None, best_step: int | None,
+                 scores: list[tuple[int, float]]) -> tuple[dict, int, dict[str, str]]:
+    """The weights a run hands back, their step, and the metadata that says so (issue 17).
+
+    The best validation's weights unless `keep` is "last" or nothing was validated; the metadata gives
+    the step and, when that step was validated, its score and the whole curve."""
+    weights, step = (best, best_step) if keep == "best" and best else (last, last_step)
+    info = {"steps_done": str(step)}
+    score = dict(scores).get(step)
+    if score is not None:
+        info |= {"validation_score": f"{score:.4f}", "validation_scores": json.dumps(scores)}
+    return weights, step, info
 
 
 @dataclass
