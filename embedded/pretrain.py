@@ -4,8 +4,8 @@ One command, fixed seed, CPU only. Two stages, as Stable Diffusion itself was ma
 1. the VAE learns to autoencode scenes (on 32 px crops, then briefly on whole 64 px images);
 2. the UNet and the CLIP text encoder learn, jointly, to denoise the VAE's latents given captions
    (10% of captions dropped so classifier-free guidance works; min-SNR loss weighting; EMA weights).
-The pipeline is saved in the diffusers folder layout (fp16 weights, to keep the repo small) with
-recipe.json: every setting, the data, the versions and how long each stage took.
+The pipeline is saved in the diffusers folder layout (fp16 weights, to keep the repo small; the 2 MB text
+encoder in fp32) with recipe.json: every setting, the data, the versions and how long each stage took.
 """
 
 from __future__ import annotations
@@ -200,7 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     timings["total_s"] = round(time.perf_counter() - started, 1)
 
     out = Path(args.out)
-    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    # UNet and VAE in fp16 (half the size); the text encoder (2 MB) in fp32, its config saying so: transformers
+    # loads a part in its config's dtype, and stock `DiffusionPipeline.from_pretrained(folder)` then mixed an fp16
+    # encoder with an fp32 UNet ("mat1 and mat2 must have the same dtype", issue 18).
+    for part, dtype in ((pipe.unet, torch.float16), (pipe.vae, torch.float16), (pipe.text_encoder, torch.float32)):
+        part.to(dtype)
+    pipe.save_pretrained(out, safe_serialization=True)
     record = {
         "command": "python -m embedded.pretrain" + (f" --scale {args.scale}" if args.scale != 1 else ""),
         "recipe": recipe,

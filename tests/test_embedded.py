@@ -38,3 +38,15 @@ def test_it_draws_the_background_colour_it_is_asked_for():
                   generator=[torch.Generator().manual_seed(i) for i in range(len(asked))]).images
     read = [scenes.read_colours(image) for image in images]
     assert sum(bg == s.background for (bg, _), s in zip(read, asked)) >= len(asked) - 1, read
+
+
+def test_stock_diffusers_draws_with_its_defaults():
+    """Issue 18: no dtype given, as stock diffusers users load a folder; every part must come out in one dtype."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    assert {pipe.text_encoder.dtype, pipe.unet.dtype, pipe.vae.dtype} == {torch.float32}
+    image = pipe("a red circle on a blue background", num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
