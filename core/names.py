@@ -10,6 +10,18 @@ STYLE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+def brief(value, limit: int = 40, quote: bool = True) -> str:
+    """`value` as repr() shows it (text unquoted with quote=False), cut to its first `limit` characters plus "…":
+    how a message names what a client sent (a 3 MB "name" is echoed as 40 characters, not 3 MB, issue 18).
+
+    >>> brief("ink"), brief("x" * 100, 5), brief("ink", quote=False), brief(float("nan"))
+    ("'ink'", "'xxxxx'…", 'ink', 'nan')
+    """
+    text = value if isinstance(value, str) else repr(value)
+    shown = repr(text[:limit]) if isinstance(value, str) and quote else text[:limit]
+    return shown + ("…" if len(text) > limit else "")
+
+
 def check_style_name(name: str) -> str:
     """Return the name if it is safe as a file name and adapter name, else raise ValueError.
 
@@ -18,7 +30,7 @@ def check_style_name(name: str) -> str:
     """
     if not isinstance(name, str) or not STYLE_NAME_PATTERN.match(name):
         raise ValueError(
-            f"Style name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_', "
+            f"Style name {brief(name)} is not allowed: use 1-64 letters, digits, '-' or '_', "
             "starting with a letter or digit."
         )
     return name

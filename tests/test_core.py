@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from core.files import read_safetensors_header, staged_folder, write_bytes_atomic
@@ -77,3 +79,46 @@ def test_the_header_reader_refuses_what_is_not_safetensors(tmp_path, data):
 )
 def test_the_trigger_word_is_added_once(text, trigger, expected):
     assert with_trigger(text, trigger) == expected
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=["022", "077", "002"])
+def test_written_files_have_the_usual_mode_under_the_umask(tmp_path, umask, mode):
+    """Issue 17: mkstemp's 0600 kept ComfyUI or A1111 running as another user from reading an export."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        path = write_bytes_atomic(tmp_path / "style.safetensors", b"x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+
+
+def _safetensors(tensor_bytes: int = 8) -> bytes:
+    """A one-tensor safetensors file, built by hand (no torch): its header, then its data."""
+    import json
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [tensor_bytes // 4], "data_offsets": [0, tensor_bytes]},
+                         "__metadata__": {"format": "pt"}}).encode()
+    return len(header).to_bytes(8, "little") + header + bytes(tensor_bytes)
+
+
+@pytest.mark.parametrize("cut, words", [(-4, "damaged (truncated"), (-8, "damaged (truncated"),
+                                        (3, "damaged (longer than its header says")])
+def test_the_header_reader_refuses_a_file_whose_size_its_header_does_not_describe(tmp_path, cut, words):
+    """Issue 18, item 12: a style cut short after an intact header was listed as a good one."""
+    data = _safetensors()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(data)
+    assert read_safetensors_header(path)[0] == {"format": "pt"}
+    path.write_bytes(data[:cut] if cut < 0 else data + bytes(cut))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        read_safetensors_header(path)
+
+
+def test_a_long_hostile_name_is_echoed_as_a_short_prefix():
+    """Issue 18, item 15: messages name what was sent by its first 40 characters, not megabytes of it."""
+    with pytest.raises(ValueError) as caught:
+        check_style_name("<script>" + "x" * 100_000)
+    assert "'<script>xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'… is not allowed" in str(caught.value)
+    assert len(str(caught.value)) < 200
