@@ -28,7 +28,7 @@ def _run(*args, cwd=ROOT):
 def test_cli_trains_from_a_toml_config(tmp_path, image_folder):
     config = tmp_path / "style.toml"
     config.write_text('style_name = "cli-style"\npreset = "Quick"\nsteps = 5\nnum_samples = 0\n')
-    result = _run("--config", config, "--images", image_folder, "--workspace", tmp_path / "ws")
+    result = _run("--config", config, "--images", image_folder, "--workspace", tmp_path / "ws", "--threads", 1)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ws" / "styles" / "cli-style.safetensors").is_file()
     assert "saved cli-style" in result.stdout
@@ -49,6 +49,8 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path):
     assert result.returncode == 2 and "junk.png: not an image" in result.stderr
     result = _run("--set", "style_name=../x", "--images", junk)
     assert result.returncode == 2 and "not allowed" in result.stderr
+    result = _run("--set", "style_name=x", "--images", junk, "--threads", 0)
+    assert result.returncode == 2 and "--threads must be 1 or more" in result.stderr
 
 
 @pytest.mark.slow

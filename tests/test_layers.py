@@ -24,8 +24,8 @@ ALLOWED = {
 # The training loop and what it is made of hand their adapter back: of styles/ they may use the file format only.
 HANDS_BACK = ("trainer/train.py", "trainer/checkpoints.py", "trainer/config.py", "trainer/data.py", "trainer/events.py",
               "trainer/graphs.py")
-TORCH_FREE = ("core.names", "core.files", "embedded", "embedded.examples", "styles.metadata", "styles.library",
-              "trainer.config", "trainer.events")
+TORCH_FREE = ("core.names", "core.files", "core.threads", "embedded", "embedded.examples", "styles.metadata",
+              "styles.library", "trainer.config", "trainer.events", "trainer.pace")
 
 
 def _project_imports(path: Path) -> set[str]:

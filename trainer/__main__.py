@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue this style's interrupted run from its newest checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for training (default: torch's, OMP_NUM_THREADS or every core)")
     args = parser.parse_args(argv)
 
     try:
@@ -46,14 +48,19 @@ def main(argv=None) -> int:
             print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
             return 0
         cfg.validate()
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be 1 or more, not {args.threads}.")
         if not args.images:
             raise ValueError("--images is required: give image files, zips or folders.")
 
         from models.base import load_base
+        from models.threads import use_threads
         from styles.library import StyleLibrary
         from trainer.checkpoints import CheckpointDir
         from trainer.data import ingest
 
+        if args.threads:
+            use_threads(args.threads)
         library = StyleLibrary(args.workspace)
         library.ensure_free(cfg.style_name)
         run_dir = Path(args.workspace) / "runs" / cfg.style_name

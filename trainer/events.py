@@ -19,6 +19,7 @@ class Started:
     notes: list[str] = field(default_factory=list)  # e.g. a damaged checkpoint that was passed over
     captions: list[str] = field(default_factory=list)  # the caption each image is trained with, trigger word included
     image_names: list[str] = field(default_factory=list)  # the images' names, in the same order
+    threads: int = 0  # the CPU threads torch trains with (0: not reported)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from trainer.config import TrainConfig
 from trainer.data import ImageSet
 from trainer.events import Cancelled, Checkpoint, Event, Failed, Finished, Sample, Started, Step, Validation
 from trainer.graphs import GraphedForward, UNetForward
+from trainer.pace import Pace
 from trainer.validation import Validator
 
 TRAINING_ADAPTER = "style_studio_training"  # not "training": nn.Module has that attribute
@@ -214,7 +215,8 @@ def train(
 
         # 4. The loop.
         unet.train()
-        started, done = time.perf_counter(), first_step
+        pace, done = Pace(), first_step  # the step time, smoothed: a steady time-left estimate
+        step_ended = time.perf_counter()
         for step in range(first_step, cfg.steps):
             if stop_asked():  # leave a checkpoint to resume from or keep as a style
                 saved = save_checkpoint(done) if done > first_step else None
@@ -222,6 +224,7 @@ def train(
                     yield saved
                 yield Cancelled(done, saved.path if saved else (str(state.path) if state else None))
                 return
+            step_started = time.perf_counter()
             batch = torch.randint(len(images), (cfg.batch_size,), generator=generator)
             # Sample the latents from the cached distribution, as encoding every step would.
             eps = torch.randn(latent_mean[batch].shape, generator=generator)
@@ -259,11 +262,17 @@ def train(
 
             done = step + 1
             losses.append(loss_value)
-            rate = (done - first_step) / (time.perf_counter() - started)
-            yield Step(done, cfg.steps, loss_value, lr, rate, (cfg.steps - done) / rate)
+            pace.add(time.perf_counter() - step_started, between=step_started - step_ended)
+            step_ended = time.perf_counter()
+            rate = pace.it_per_s
+            yield Step(done, cfg.steps, loss_value, lr, rate, pace.seconds_left(cfg.steps - done))
             if tensorboard:
                 accelerator.log({"loss": loss_value, "it_per_s": rate}, step=done)
-            if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps and accelerator.is_main_process:
+            # Samples every sample_every steps, and after the first step too, so a run shows pictures from its start
+            # rather than after minutes (issue 18). Their seeds are their own: training's random stream is untouched.
+            first = done == 1 and cfg.sample_every
+            if (first or cfg.sample_every and done % cfg.sample_every == 0) and done < cfg.steps \
+                    and accelerator.is_main_process:
                 yield Sample(done, render_samples(pipe, sample_prompts, cfg.seed), sample_prompts)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 if validator:
