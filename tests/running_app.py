@@ -48,8 +48,9 @@ def start_app(workspace: Path, extra_args: list[str] | None = None, auth: tuple[
 
 
 def stop_app(process: subprocess.Popen) -> None:
+    """SIGTERM, as a service stop: the app stops a running job with a checkpoint first (seconds, at most ~30 s)."""
     process.terminate()
-    process.wait(timeout=30)
+    process.wait(timeout=60)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ cannot use or a workspace that refuses a write fails that job, with the reason, 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import shutil
@@ -67,6 +68,8 @@ MOVES: dict[JobState, frozenset[JobState]] = {
 }
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 STOPPED = (JobState.INTERRUPTED, JobState.CANCELLED, JobState.FAILED)  # resumable, or their checkpoint kept
+# A full disk, a read-only or foreign-owned folder, something else where a file should go: fixable by the user.
+REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR}
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Progress:
     losses: list[float] = field(default_factory=list)
     it_per_s: float = 0.0
     eta_s: float = 0.0
+    threads: int = 0  # the CPU threads the training process uses
     samples: list[tuple[str, str]] = field(default_factory=list)  # (png path, prompt) of the newest samples
     # one {"step", "score", "images": [png paths], "prompts"} per validation: the score curve and the sample strips
     validation: list[dict] = field(default_factory=list)
@@ -136,8 +140,10 @@ class JobManager:
     >>> for record in jobs.follow(job_id): print(record.state, record.step)  # doctest: +SKIP
     """
 
-    def __init__(self, workspace: str | Path, model: str | None = None, model_config: str | None = None):
+    def __init__(self, workspace: str | Path, model: str | None = None, model_config: str | None = None,
+                 threads: int | None = None):
         self.workspace = Path(workspace)
+        self.threads = threads  # CPU threads of the training process; None: core/threads.py sizes them
         self.root = self.workspace / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.model, self.model_config = model, model_config  # model_config: configs for a single-file model
@@ -146,6 +152,7 @@ class JobManager:
         self._records: dict[str, JobRecord] = {}
         self._progress: dict[str, Progress] = {}
         self._foreign: dict[str, str] = {}  # job id -> why this version leaves its record as it is
+        self._cancelled: set[str] = set()  # jobs the user cancelled (not stopped by the app closing)
         self._running: TrainingJob | None = None
         self._running_id: str | None = None
         self._worker: threading.Thread | None = None
@@ -161,8 +168,8 @@ class JobManager:
         return self
 
     def close(self) -> None:
-        """Stop the worker: a running job is asked to stop (it keeps a checkpoint, to resume);
-        queued jobs stay queued."""
+        """Stop the worker: a running job is asked to stop (it keeps a checkpoint, to resume: it becomes
+        interrupted) and is terminated if it has not stopped within its grace time; queued jobs stay queued."""
         with self._lock:
             self._closing = True
             if self._running:
@@ -205,10 +212,7 @@ class JobManager:
         cfg.validate()
         with self._lock:
             self.library.ensure_free(cfg.style_name)
-            for other in self._records.values():
-                if other.style_name == cfg.style_name and other.state in ACTIVE:
-                    raise ValueError(f"A job for a style named {cfg.style_name!r} is already {other.state}; "
-                                     "pick another name.")
+            self.check_name_free(cfg.style_name)
             job_id = self._next_id()
             record = JobRecord(job_id, cfg.style_name, cfg.to_dict(), self.model, total_steps=cfg.steps,
                                skipped=images.skipped_lines())
@@ -226,6 +230,7 @@ class JobManager:
             if record.state == JobState.QUEUED:
                 self._move(record, JobState.CANCELLED, "Cancelled before it started.")
             elif record.state == JobState.RUNNING and self._running_id == job_id and self._running:
+                self._cancelled.add(job_id)
                 self._running.cancel()
                 record.message = "Stopping after the current step…"
             else:
@@ -239,6 +244,8 @@ class JobManager:
             if record.state not in STOPPED:
                 raise ValueError(f"Job {job_id} is {record.state}; only {', '.join(STOPPED)} jobs can be resumed.")
             self.library.ensure_free(record.style_name)
+            self.check_name_free(record.style_name)
+            self._cancelled.discard(job_id)  # a cancel was for the run before
             self._move(record, JobState.QUEUED, "Queued to resume.", resume=True)
 
     def keep(self, job_id: str, style_name: str | None = None) -> str:
@@ -251,6 +258,7 @@ class JobManager:
             if state is None:
                 raise ValueError(f"Job {job_id} has no checkpoint to keep (it stopped before the first one).")
             name = style_name or record.style_name
+            self.check_name_free(name)
             path = self.library.save(name, checkpoint_adapter(state, name).to_bytes(),
                                      thumbnail=self._thumbnail(job_id))
             self._move(record, JobState.FINISHED, f"Kept the checkpoint at step {state.step} as style {name!r}.",
@@ -268,7 +276,24 @@ class JobManager:
                 shutil.rmtree(self._dir(job_id) / part, ignore_errors=True)
             self._move(record, JobState.DISCARDED, "Checkpoints and images deleted.")
 
+    def holder(self, name: str) -> JobRecord | None:
+        """The queued or running job that will save its style as `name`, if any: the name is reserved for it."""
+        with self._lock:
+            return next((r for r in self._records.values() if r.style_name == name and r.state in ACTIVE), None)
+
+    def check_name_free(self, name: str) -> None:
+        """Refuse a style name reserved by a queued or running job (issue 18): an import or rename must not
+        take it while the job trains."""
+        if other := self.holder(name):
+            raise ValueError(f"Job {other.id} ({other.state}) will save its style as {name!r}; "
+                             "pick another name, or cancel that job first.")
+
     # -- reading --------------------------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        """Whether a training process is running now (generation beside it gets fewer threads)."""
+        return self._running is not None
+
     def get(self, job_id: str) -> JobRecord:
         record = self._records.get(str(job_id))
         if record is None:
@@ -321,7 +346,7 @@ class JobManager:
                 self._run(record)
             except Exception as err:  # the queue must keep going whatever one job does
                 log.exception("job %s could not run", record.id)
-                self._fail(record, f"The job could not run: {type(err).__name__}: {err}")
+                self._fail(record, _failure(err, record))
             finally:
                 with self._lock:
                     self._running = self._running_id = None
@@ -340,22 +365,27 @@ class JobManager:
             if self._closing:
                 return  # it stays queued
             cfg = TrainConfig.from_dict(record.config)  # a record edited since it was queued may not read
-            job = TrainingJob(cfg, record.model, self.workspace, self._dir(record.id), record.resume, self.model_config)
+            job = TrainingJob(cfg, record.model, self.workspace, self._dir(record.id), record.resume, self.model_config,
+                              self.threads)
             self._move(record, JobState.RUNNING, "Starting…")
             self._running, self._running_id = job, record.id
         try:
             job.start()
-            record.pid = job.pid
+            with self._lock:
+                record.pid = job.pid
+                self._write(record)  # on disk too: who trains for this job
             self._consume(record, job)
         finally:
             job.close()  # a child we stopped listening to (our own failure) must not train on unseen
 
     def _consume(self, record: JobRecord, job: TrainingJob) -> None:
-        progress = self._progress[record.id]
+        progress, started = self._progress[record.id], False
         for event in job.events():
             with self._lock:
                 if isinstance(event, Started):
+                    started = True
                     progress.losses, record.step = list(event.losses), event.resumed_from
+                    progress.threads = event.threads
                     notes = event.notes + ([f"Resumed from step {event.resumed_from}."] if event.resumed_from else [])
                     record.message = " ".join(notes) or "Running."
                     if event.captions:
@@ -375,23 +405,38 @@ class JobManager:
                 elif isinstance(event, Finished):  # the child saved the style
                     kept = ("" if event.kept_step in (None, event.steps_done) else
                             f" Its weights are from step {event.kept_step}, the best on the validation prompts.")
+                    if event.style_name != record.style_name:  # its name was taken meanwhile (child._save_style)
+                        kept += (f" The name {record.style_name!r} was taken while the job trained, so it was "
+                                 f"saved as {event.style_name!r}.")
                     self._move(record, JobState.FINISHED,
                                f"Style {event.style_name!r} is ready after {event.steps_done} steps.{kept}",
                                style_path=str(self.library.path_for(event.style_name)))
                     # The style holds the result; checkpoints only served a resume (the images stay as the record).
                     shutil.rmtree(self._dir(record.id) / "checkpoints", ignore_errors=True)
                 elif isinstance(event, Cancelled):
-                    kept = (f"A checkpoint at step {record.checkpoint_step} can be kept as a style or resumed."
-                            if event.checkpoint else "Nothing to keep.")
-                    self._move(record, JobState.CANCELLED, f"Cancelled at step {event.step}. {kept}")
+                    self._stopped(record, f"at step {event.step}")
                 elif isinstance(event, Failed):
                     self._move(record, JobState.FAILED, event.message)
                 self._lock.notify_all()
         with self._lock:
-            if record.state == JobState.RUNNING:  # the child died without a word: killed, or crashed hard
+            if record.state == JobState.RUNNING and job.cancel_requested:  # we ended it: still a stop asked for
+                self._stopped(record, f"at step {record.step}" if started else "as its training process started")
+            elif record.state == JobState.RUNNING:  # the child died without a word: killed, or crashed hard
                 self._move(record, JobState.INTERRUPTED,
                            f"The training process stopped unexpectedly (exit code {job.exitcode}). "
                            f"{_resume_point(record)}")
+
+    def _stopped(self, record: JobRecord, where: str) -> None:
+        """A running job that stopped because it was asked to: cancelled by its user, or interrupted by the
+        app closing (SIGTERM, Ctrl-C) or a signal to its process, which Resume continues."""
+        if record.id not in self._cancelled:
+            who = "The app" if self._closing else "Its training process"
+            self._move(record, JobState.INTERRUPTED,
+                       f"{who} was stopped while this job was running ({where}). {_resume_point(record)}")
+            return
+        kept = (f"A checkpoint at step {record.checkpoint_step} can be kept as a style or resumed."
+                if record.checkpoint_step else "Nothing to keep.")
+        self._move(record, JobState.CANCELLED, f"Cancelled {where}. {kept}")
 
     def _fail(self, record: JobRecord, message: str) -> None:
         """End a job that could not run as failed: in memory for certain, on disk if the workspace lets us."""
@@ -485,6 +530,14 @@ def _read_validation(job_dir: Path) -> list[dict]:
         return json.loads((job_dir / "validation.json").read_text())
     except (OSError, ValueError):
         return []
+
+
+def _failure(err: Exception, record: JobRecord) -> str:
+    """What to tell the user about a job that could not run: the real problem, and what to do."""
+    if isinstance(err, OSError) and err.errno in REFUSED_WRITES:
+        return (f"The workspace refused a write: {err}. Free some space or make the workspace writable, "
+                f"then press Resume. {_resume_point(record)}")
+    return f"The job could not run: {type(err).__name__}: {err}"
 
 
 def _resume_point(record: JobRecord) -> str:
