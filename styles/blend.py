@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,13 +29,13 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from core.names import with_trigger
+from core.names import brief, with_trigger
 from models.base import Base
-from styles import formats
+from styles import formats, generation
+from styles.generation import GenerationCancelled, GenerationLine, Ticket
 from styles.library import StyleInfo, StyleLibrary
 
 SCALE_RANGE = (-2.0, 2.0)
-MAX_SIDE = 2048
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 
@@ -50,12 +51,17 @@ class Blender:
     a training run in this process gets a Base of its own, or the pipeline through lend_base(),
     which hands it over as it was loaded and takes it back.
 
+    Generations take turns in arrival order (`line`); one holding a Ticket can be cancelled by its owner, while
+    it waits or between two denoising steps. Sides are capped at twice the base's native side (a 64 px model
+    drew 1024 px for minutes while the others waited) unless `allow_large`, up to MAX_SIDE.
+
     >>> blender = Blender(load_base(), StyleLibrary("workspace"))        # doctest: +SKIP
     >>> images = blender.generate("a red circle", seed=1, styles={"ink": 0.8, "pastel": 0.4})  # doctest: +SKIP
     """
 
-    def __init__(self, base: Base, library: StyleLibrary, fuse: bool = True):
-        self.base, self.library, self.fuse = base, library, fuse
+    def __init__(self, base: Base, library: StyleLibrary, fuse: bool = True, allow_large: bool = False):
+        self.base, self.library, self.fuse, self.allow_large = base, library, fuse, allow_large
+        self.line = GenerationLine()
         self._loaded: dict[str, float] = {}  # adapter name -> mtime of the file it was loaded from
         self._lock = threading.RLock()  # one pipeline: one generation (and adapter change) at a time
         self.warnings: list[str] = []
@@ -69,9 +75,12 @@ class Blender:
 
     def normalise(self, scales: dict[str, float] | None) -> dict[str, float]:
         """Check names and values; raise ValueError listing the available styles. Touches nothing."""
+        if scales is not None and not isinstance(scales, dict):
+            raise ValueError(f"Styles is {brief(scales)}: not a table of style names and scales. "
+                             'Send {"style name": scale, ...}, e.g. {"ink": 0.8}.')
         scales = dict(scales or {})
         available = self.library.names()
-        unknown = sorted(name for name in scales if name not in available)
+        unknown = sorted(brief(name, quote=False) for name in scales if name not in available)
         if unknown:
             raise ValueError(
                 f"Unknown style(s): {', '.join(unknown)}. Available styles: {', '.join(available) or 'none yet'}."
@@ -82,7 +91,7 @@ class Blender:
             try:
                 value = float(value)
             except (TypeError, ValueError):
-                raise ValueError(f"Scale of style {name!r} must be a number, not {value!r}.") from None
+                raise ValueError(f"Scale of style {name!r} must be a number, not {brief(value)}.") from None
             if not math.isfinite(value) or not lo <= value <= hi:
                 raise ValueError(f"Scale of style {name!r} is {value}; it must be between {lo} and {hi}.")
             result[name] = value
@@ -124,29 +133,35 @@ class Blender:
         styles: dict[str, float] | None = None,
         num_images: int = 1,
         add_triggers: bool = True,
+        ticket: Ticket | None = None,
     ) -> list[Image.Image]:
         """Images for a prompt with the given styles blended in; each carries its recipe in .info.
 
         With `add_triggers`, the trigger word of every style with a non-zero scale is added to the
         prompt (styles are trained with it in their captions); the recipe records the prompt used.
+        Every value is checked first (check_options; seed -1 draws a random one). The generation waits
+        its turn in `line`; cancelling its `ticket` stops it there or at the next denoising step.
         """
-        width, height = self._check_size(width), self._check_size(height)
-        if not 1 <= int(steps) <= 200:
-            raise ValueError(f"Steps must be between 1 and 200, not {steps}.")
-        with self._lock:
+        options = self.check_options(prompt, negative_prompt, seed, steps, guidance, width, height, num_images)
+        prompt, seed, steps, width, height = (options[key] for key in ("prompt", "seed", "steps", "width", "height"))
+        negative_prompt, guidance = options["negative_prompt"], options["guidance"]
+        ticket = ticket or Ticket()
+        with self.line.turn(ticket), self._lock:
             try:
                 active = self.apply(styles)  # fusing a blend needs memory too
                 if add_triggers:
                     prompt = self.prompt_with_triggers(prompt, active)
+                ticket.step, ticket.steps = 0, steps
                 images = self.base.pipe(
                     prompt,
                     negative_prompt=negative_prompt or None,
-                    num_inference_steps=int(steps),
-                    guidance_scale=float(guidance),
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
                     width=width,
                     height=height,
-                    num_images_per_prompt=int(num_images),
-                    generator=torch.Generator().manual_seed(int(seed)),
+                    num_images_per_prompt=options["num_images"],
+                    generator=torch.Generator().manual_seed(seed),
+                    callback_on_step_end=ticket.stop_at_next_step,
                 ).images
             except torch.OutOfMemoryError:
                 # The GPU is shared with a training job (a separate process): say so, free what we hold, keep serving.
@@ -155,12 +170,14 @@ class Blender:
                     "The GPU ran out of memory for this image, most likely because a style is training on it. "
                     "Wait for the job to finish, or generate fewer or smaller images."
                 ) from None
+        if ticket.cancelled.is_set():
+            raise GenerationCancelled(f"Generation cancelled at step {ticket.step} of {steps}.")
         recipe = {
             "prompt": prompt,
             "negative_prompt": negative_prompt,
-            "seed": int(seed),
-            "steps": int(steps),
-            "guidance": float(guidance),
+            "seed": seed,
+            "steps": steps,
+            "guidance": guidance,
             "width": width,
             "height": height,
             "styles": active,
@@ -170,6 +187,30 @@ class Blender:
             image.info["style_studio"] = json.dumps(recipe, sort_keys=True)
             image.info["parameters"] = a1111_parameters(recipe)
         return images
+
+    def check_options(self, prompt: str = "", negative_prompt: str | None = "", seed=0, steps=DEFAULT_STEPS,
+                      guidance=DEFAULT_GUIDANCE, width=0, height=0, num_images=1) -> dict:
+        """The generation options checked and as generate uses them; ValueError names the field, the value's
+        problem and what is allowed. Seed -1 becomes a random seed (the recipe records it); a side of 0 the
+        base's native one. Touches nothing, so a grid checks every option before its first picture.
+        """
+        seed = generation.whole(seed, "Seed", generation.RANDOM_SEED, generation.MAX_SEED,
+                                f"a whole number from 0 to {generation.MAX_SEED} (2^64 - 1), or -1 for a random seed")
+        return {
+            "prompt": generation.text(prompt, "Prompt"),
+            "negative_prompt": generation.text(negative_prompt, "Negative prompt"),
+            "seed": random.randrange(generation.RANDOM_SEEDS) if seed == generation.RANDOM_SEED else seed,
+            "steps": generation.whole(steps, "Steps", *generation.STEPS_RANGE),
+            "guidance": generation.number(guidance, "Guidance", *generation.GUIDANCE_RANGE),
+            "width": self._check_size(width, "Width"),
+            "height": self._check_size(height, "Height"),
+            "num_images": generation.whole(num_images, "Number of images", 1, generation.MAX_IMAGES),
+        }
+
+    def max_side(self) -> int:
+        """The largest width or height generate takes: twice the base's native side; MAX_SIDE when allow_large."""
+        top = generation.MAX_SIDE
+        return top if self.allow_large else min(generation.LARGE_FACTOR * self.base.resolution, top)
 
     def prompt_with_triggers(self, prompt: str, scales: dict[str, float]) -> str:
         """`prompt` with the trigger word of each style at a non-zero scale appended, unless it is there already."""
@@ -305,15 +346,20 @@ class Blender:
         self._dirty.clear()
         self._fused = {} if self.fuse else None
 
-    def _check_size(self, size: int) -> int:
-        size = int(size or self.base.resolution)
+    def _check_size(self, value, name: str) -> int:
+        """A width or height: 0 (or empty) for the native side, else a multiple of what the UNet divides by."""
         unet = self.base.pipe.unet.config
         multiple = self.base.pipe.vae_scale_factor * 2 ** (len(unet.block_out_channels) - 1)
-        if size % multiple or not multiple <= size <= MAX_SIDE:
-            raise ValueError(
-                f"Width and height must be multiples of {multiple} between {multiple} and {MAX_SIDE}, not {size}."
-            )
-        return size
+        native, top, ceiling = self.base.resolution, self.max_side(), generation.MAX_SIDE
+        allowed = (f"0 for this model's native {native} px, or a multiple of {multiple} from {multiple} to {top} "
+                   f"(width and height must be multiples of {multiple}; ")
+        allowed += (f"up to {ceiling} px)" if self.allow_large else
+                    f"{generation.LARGE_FACTOR}x the native side: larger pictures take minutes while other "
+                    f"generations wait; a server started with --allow-large takes up to {ceiling} px)")
+        size = generation.whole(value if value not in (None, "") else 0, name, 0, top, allowed)
+        if size % multiple or 0 < size < multiple:
+            raise ValueError(f"{name} is {size}: not a multiple of {multiple}. Use {allowed}.")
+        return size or native
 
 
 @contextmanager

@@ -23,7 +23,6 @@ STYLE_SUFFIX = ".safetensors"
 THUMB_SUFFIX = ".png"
 
 
-
 @dataclass
 class StyleInfo:
     name: str
@@ -55,6 +54,15 @@ class StyleInfo:
         }
 
 
+@dataclass
+class Unreadable:
+    """A file in the styles folder that cannot be used as a style, and why (StyleLibrary.problems)."""
+
+    name: str  # the style name it would have (cut short when it is not a valid one)
+    file: str
+    reason: str  # a sentence naming the file, what is wrong and what to do
+
+
 class StyleLibrary:
     """Styles stored in a workspace folder.
 
@@ -76,21 +84,41 @@ class StyleLibrary:
         return sorted(p.stem for p in self.root.glob("*" + STYLE_SUFFIX) if STYLE_NAME_PATTERN.match(p.stem))
 
     def list(self) -> list[StyleInfo]:
-        """Every readable style, by name; unreadable files are left out (and left alone)."""
-        infos = []
-        for name in self.names():
-            try:
-                infos.append(self.get(name))
-            except ValueError:
+        """Every readable style, by name; unreadable files are left out here (and left alone): see problems()."""
+        return self.scan()[0]
+
+    def problems(self) -> list[Unreadable]:
+        """Every style file that cannot be used, with the reason (damaged, not safetensors, a name not allowed)."""
+        return self.scan()[1]
+
+    def scan(self) -> tuple[list[StyleInfo], list[Unreadable]]:
+        """(readable styles, unreadable files), by name: from headers and file sizes, no tensor is loaded."""
+        infos, problems = [], []
+        for path in sorted(self.root.glob("*" + STYLE_SUFFIX)):
+            if path.name.startswith("."):  # hidden: not a style, e.g. an editor's or a sync tool's file
                 continue
-        return infos
+            if not STYLE_NAME_PATTERN.match(path.stem):
+                problems.append(Unreadable(_cut(path.stem), _cut(path.name),
+                                           f"{_cut(path.name)}: its name is not a style name (1-64 letters, digits, "
+                                           "'-' or '_'): rename the file to use it."))
+                continue
+            try:
+                infos.append(self.get(path.stem))
+            except (ValueError, OSError) as err:
+                problems.append(Unreadable(path.stem, path.name, str(err)))
+        return infos, problems
 
     def get(self, name: str) -> StyleInfo:
+        """A style's facts from its file's header; ValueError when there is no such style or its file is damaged."""
         path = self.path_for(name)
         if not path.is_file():
             raise ValueError(f"No style named {name!r}. Available styles: {', '.join(self.names()) or 'none yet'}.")
-        metadata, _ = read_safetensors_header(path)
-        info = style_info(metadata)
+        try:
+            metadata, _ = read_safetensors_header(path)  # also checks the file's size against its tensor table
+            info = style_info(metadata)
+            config = json.loads(info.get("config", "{}"))
+        except ValueError as err:
+            raise ValueError(f"Style {name!r} cannot be used: {err}") from None
         thumb = path.with_suffix(THUMB_SUFFIX)
         return StyleInfo(
             name=name,
@@ -101,7 +129,7 @@ class StyleLibrary:
             family=info.get("family", ""),
             unet_hash=info.get("unet_hash", ""),
             created=info.get("created", ""),
-            config=json.loads(info.get("config", "{}")),
+            config=config if isinstance(config, dict) else {},
             mtime=path.stat().st_mtime,
             steps_done=_number(info.get("steps_done"), int),
             validation_score=_number(info.get("validation_score"), float),
@@ -137,9 +165,17 @@ class StyleLibrary:
         return self.get(new)
 
     def delete(self, name: str) -> None:
-        path = self.get(name).path
+        """Delete a style and its thumbnail; a damaged style file too (that is what it is listed for)."""
+        path = self.path_for(name)
+        if not path.is_file():
+            self.get(name)  # raises the "No style named" message, with the styles there are
         path.unlink()
         path.with_suffix(THUMB_SUFFIX).unlink(missing_ok=True)
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    """A file name as a message shows it: a hand-made or hostile one is cut short."""
+    return text[:limit] + ("…" if len(text) > limit else "")
 
 
 def _number(text: str | None, kind: type):

@@ -6,10 +6,13 @@ per change of scales, issue 5) and unfused (diffusers' set_adapters, every LoRA 
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 
 from styles import formats
 from styles.blend import Blender, _blended_weight
+from styles.generation import GenerationCancelled, GenerationLine, Ticket
 from styles.library import StyleLibrary
 from styles.metadata import lora_config
 from tests.conftest import pattern_image, save_style, train_style
@@ -317,3 +321,129 @@ def test_generations_from_several_threads_each_get_their_own_blend(blender):
     assert not errors
     for i, images in results.items():
         assert all(np.array_equal(image, expected[i]) for image in images)
+
+
+def _lora_file(rank: int = 4) -> bytes:
+    """A small diffusers-layout LoRA file for one attention projection (valid header and data)."""
+    import safetensors.torch
+
+    tensors = {f"unet.{LAYER}.lora_A.weight": torch.zeros(rank, 32),
+               f"unet.{LAYER}.lora_B.weight": torch.zeros(32, rank)}
+    return safetensors.torch.save(tensors, metadata={"format": "pt"})
+
+
+def test_damaged_style_files_are_listed_with_their_reason_and_never_reach_generation(library, base):
+    """Issue 18, item 12: a file cut short after an intact header was listed as a good style; others vanished."""
+    library.path_for("good").write_bytes(_lora_file())
+    library.path_for("cut").write_bytes(_lora_file()[:-100])  # its header intact: it read like a good style
+    library.path_for("junk").write_bytes(b"not a safetensors file")
+    (library.root / ("not a name " * 20 + ".safetensors")).write_bytes(_lora_file())
+    styles, problems = library.scan()
+    assert [info.name for info in styles] == ["good"] and [info.name for info in library.list()] == ["good"]
+    reasons = {problem.name: problem.reason for problem in problems}
+    assert set(reasons) == {"cut", "junk", "not a name not a name not a name not a n…"}
+    assert "cut.safetensors is damaged (truncated" in reasons["cut"] and "Delete it" in reasons["cut"]
+    assert "not a safetensors file" in reasons["junk"]
+    assert "not a style name" in reasons["not a name not a name not a name not a n…"]
+    with pytest.raises(ValueError, match=r"Style 'cut' cannot be used: cut.safetensors is damaged \(truncated"):
+        Blender(base, library).generate("a red circle", steps=1, styles={"cut": 1.0})
+    library.delete("cut")  # a damaged style can be deleted, which is what listing it is for
+    assert "cut" not in {problem.name for problem in library.problems()}
+
+
+# -- what a request may ask for (issue 18, items 10 and 15) --------------------------------------------
+HOSTILE_OPTIONS = [
+    (dict(prompt="x" * 10_001), "Prompt is 10,001 characters long: too long. Use at most 10,000 characters"),
+    (dict(negative_prompt="x" * 3_000_000), "Negative prompt is 3,000,000 characters long: too long"),
+    (dict(prompt=["a", "list"]), "Prompt is ['a', 'list']: not text"),
+    (dict(seed=2**64), "Seed is 18446744073709551616: too large. Use a whole number from 0 to 18446744073709551615"),
+    (dict(seed=float("nan")), "Seed is nan: not a finite number. Use a whole number from 0"),
+    (dict(seed=float("inf")), "Seed is inf: not a finite number"),
+    (dict(seed=-2), "Seed is -2: too small. Use a whole number from 0 to 18446744073709551615 (2^64 - 1), or -1"),
+    (dict(seed=1.5), "Seed is 1.5: not a whole number"),
+    (dict(seed="seven"), "Seed is 'seven': not a number"),
+    (dict(steps=float("nan")), "Steps is nan: not a finite number. Use a whole number from 1 to 100."),
+    (dict(steps=1000), "Steps is 1000: too large. Use a whole number from 1 to 100."),
+    (dict(steps=0), "Steps is 0: too small"),
+    (dict(guidance=float("nan")), "Guidance is nan: not a finite number. Use a number from 0 to 20."),
+    (dict(guidance=-1), "Guidance is -1: too small"),
+    (dict(width=float("inf")), "Width is inf: not a finite number. Use 0 for this model's native 64 px, or a "
+                               "multiple of 16 from 16 to 128"),
+    (dict(width=1024), "Width is 1024: too large. Use 0 for this model's native 64 px, or a multiple of 16 from 16 "
+                       "to 128 (width and height must be multiples of 16; 2x the native side"),
+    (dict(height=65), "Height is 65: not a multiple of 16."),
+    (dict(height=-64), "Height is -64: too small."),
+    (dict(styles=["ink"]), "Styles is ['ink']: not a table of style names and scales. Send {\"style name\": scale"),
+    (dict(styles={"<b>" + "x" * 100_000: 1.0}), "Unknown style(s): <b>xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…. "
+                                                "Available styles: none yet."),
+]
+
+
+@pytest.mark.parametrize("options, words", HOSTILE_OPTIONS, ids=[words[:32] for _, words in HOSTILE_OPTIONS])
+def test_each_option_out_of_bounds_is_refused_naming_the_field_the_problem_and_the_range(library, base, options,
+                                                                                         words):
+    options = {"prompt": "a red circle", "steps": 1, **options}
+    with pytest.raises(ValueError) as caught:
+        Blender(base, library).generate(**options)
+    assert words in str(caught.value)
+    assert len(str(caught.value)) < 400  # a hostile value is echoed by a short prefix, never whole
+
+
+def test_large_pictures_need_the_servers_opt_in_and_seed_minus_one_is_random(library, base):
+    assert Blender(base, library).max_side() == 2 * base.resolution
+    large = Blender(base, library, allow_large=True)
+    assert large.check_options("a red circle", width=1024, height=0)["width"] == 1024
+    with pytest.raises(ValueError, match="Width is 2056: too large. .* up to 2048 px"):
+        large.check_options("a red circle", width=2056)
+    blender = Blender(base, library)
+    seeds = {json.loads(blender.generate("a red circle", seed=-1, steps=1)[0].info["style_studio"])["seed"]
+             for _ in range(2)}
+    assert len(seeds) == 2 and all(0 <= seed < 2**32 for seed in seeds)
+
+
+def test_a_running_generation_stops_at_the_next_step_when_cancelled(library, base):
+    blender = Blender(base, library)
+    ticket, outcome = Ticket("page-1"), {}
+
+    def draw():
+        try:
+            blender.generate("a red circle", steps=100, ticket=ticket)
+        except GenerationCancelled as err:
+            outcome["error"] = str(err)
+
+    worker = threading.Thread(target=draw)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while ticket.step < 1 and time.monotonic() < deadline:  # running: its first denoising step is done
+        time.sleep(0.01)
+    assert blender.line.position("page-1") == 0 and blender.line.position("someone else") is None
+    assert blender.line.cancel("someone else") == 0 and blender.line.cancel("page-1") == 1
+    worker.join(timeout=60)
+    assert re.fullmatch(r"Generation cancelled at step (\d+) of 100\.", outcome["error"])
+    assert int(re.search(r"step (\d+)", outcome["error"])[1]) < 100
+    assert blender.line.position("page-1") is None
+    assert blender.generate("a red circle", steps=1)  # the pipeline serves the next one as usual
+
+
+def test_waiting_generations_keep_their_place_and_leave_the_line_when_cancelled():
+    line, outcome = GenerationLine(), {}
+
+    def wait(owner):
+        try:
+            with line.turn(Ticket(owner)):
+                outcome[owner] = "ran"
+        except GenerationCancelled as err:
+            outcome[owner] = str(err)
+
+    with line.turn(Ticket("first")):
+        waiters = {owner: threading.Thread(target=wait, args=(owner,)) for owner in ("second", "third")}
+        for owner, waiter in waiters.items():  # one after the other: the line keeps their order
+            waiter.start()
+            while line.position(owner) is None:
+                time.sleep(0.001)
+        assert [line.position(o) for o in ("first", "second", "third")] == [0, 1, 2] and line.waiting() == 2
+        assert line.cancel("second") == 1
+        waiters["second"].join(timeout=10)
+        assert outcome["second"] == "Generation cancelled before it started." and line.position("third") == 1
+    waiters["third"].join(timeout=10)
+    assert outcome["third"] == "ran" and line.waiting() == 0
