@@ -122,3 +122,23 @@ def test_server_refuses_a_file_over_its_cap_before_it_reaches_disk(guarded_app, 
         response = http.post("gradio_api/upload", files={"files": ("big.png", big.read_bytes())})
     assert response.status_code == 413 and "maximum allowed size of 1048576 bytes" in response.text
     assert not (workspace / "jobs").exists() or not any((workspace / "jobs").iterdir())
+
+
+API_WORDS = ("list_styles", "generate_grid", "submit_training", "named_endpoints", "negative_prompt")
+
+
+def test_nothing_about_the_api_is_served_before_login(guarded_app):
+    """Issue 18, item 16: gradio embedded the whole API description in the login page it serves at `/`."""
+    import httpx
+
+    url, _ = guarded_app
+    with httpx.Client(base_url=url) as http:
+        pages = {path: http.get(path) for path in ("/", "/?page=", "/?view=api", "gradio_api/runs")}
+        for path, page in pages.items():
+            assert page.status_code in (200, 401, 404), path
+            assert not [word for word in API_WORDS if word in page.text], path
+        assert "auth_required" in pages["/"].text  # what was served is gradio's login page
+        assert http.get("gradio_api/info").status_code == 401
+        assert http.post("login", data={"username": "u", "password": "p"}).is_success
+        after = http.get("/").text  # logged in, the page describes the API as before
+    assert all(word in after for word in API_WORDS)
