@@ -1,5 +1,7 @@
-"""python -m app [--model M] [--host H] [--port P] [--workspace DIR] [--auth USER:PASSWORD] [--share] [--insecure]:
-start Style Studio."""
+"""python -m app [--model M] [--host H] [--port P] [--workspace DIR] [--auth USER:PASSWORD] [--share] [--insecure]
+[--threads N] [--allow-large]: start Style Studio.
+
+SIGTERM or Ctrl-C stops it; a running job stops with a checkpoint, to resume."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import argparse
 import ipaddress
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from trainer.data import MB, UploadLimits
@@ -41,6 +45,12 @@ def main(argv=None) -> None:
     parser.add_argument("--max-upload-mb", type=_positive, default=defaults.max_total_bytes / MB, metavar="MB",
                         help="largest upload, zips counted unpacked; also the largest single file the server takes "
                              f"(default: {defaults.max_total_bytes // MB})")
+    parser.add_argument("--allow-large", action="store_true",
+                        help="let generation draw up to 2048 px on any base (default: at most twice its native side, "
+                             "so one request cannot hold the pipeline for minutes)")
+    parser.add_argument("--threads", type=_count, default=None, metavar="N",
+                        help="CPU threads for training and for generation (default: the cores this process may use; "
+                             "a training job leaves one of them to the app)")
     args = parser.parse_args(argv)
 
     # Refuse an open app before the model loads, so a wrong flag costs a second, not a minute.
@@ -56,15 +66,33 @@ def main(argv=None) -> None:
     from app.studio import Studio  # torch and the model load only once the flags are known to be good
 
     try:
-        studio = Studio(args.workspace, args.model, limits=limits, model_config=args.model_config)
+        studio = Studio(args.workspace, args.model, limits=limits, model_config=args.model_config,
+                        threads=args.threads, allow_large=args.allow_large)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
-    serve(studio, host=args.host, port=args.port, share=args.share, auth=credentials)
+    stop = stop_event_on_signals()  # from here on, a job may run: stop it in order
+    demo = serve(studio, host=args.host, port=args.port, share=args.share, auth=credentials, block=False)
+    while not stop.wait(timeout=1.0):  # a timed wait, so the signal handler gets its turn
+        pass
+    print("Stopping: a running training job saves a checkpoint first (Resume continues it)…", file=sys.stderr,
+          flush=True)
+    studio.close()  # bounded: a child that does not stop within its grace time is terminated
+    demo.close()
+
+
+def stop_event_on_signals() -> threading.Event:
+    """An event that SIGTERM (a service stop) and SIGINT (Ctrl-C) set: the app then stops in order, rather
+    than dying on the spot (SIGTERM's default) and leaving its training process to run on alone."""
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    return stop
 
 
 def serve(studio, host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth: tuple[str, str] | None = None,
           block: bool = True):
     """Serve the page and its API for `studio`; with block=False, return the running gr.Blocks at once (tests)."""
+    from app.access import app_kwargs
     from app.layout import CSS, build_ui
 
     demo = build_ui(studio).demo
@@ -74,6 +102,7 @@ def serve(studio, host: str = "127.0.0.1", port: int = 7860, share: bool = False
         allowed_paths=[str(studio.workspace)],  # files the page may fetch: the workspace, nothing else
         max_file_size=studio.limits.largest_upload_file,  # the server drops bigger uploads before they reach the disk
         css=CSS, prevent_thread_lock=not block,
+        app_kwargs=app_kwargs(),  # the login page carries no API description (app/access.py)
     )
     return demo
 
@@ -126,6 +155,12 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve to any interface
         return False
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of threads, 1 or more, not {text}")
+    return int(text)
 
 
 def _positive(text: str) -> float:

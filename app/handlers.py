@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import random
 import time
 import typing
+from pathlib import Path
 from urllib.parse import quote
 
 import gradio as gr
@@ -22,8 +24,10 @@ import pandas as pd
 from app.studio import Studio, best_validation, describe, validation_line
 from embedded.examples import EXAMPLES
 from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from styles.generation import GenerationCancelled
 from styles.grid import DEFAULT_SCALES, DEFAULT_SEEDS
-from trainer.config import DEFAULT_CAPTION_TEMPLATE, DEFAULT_PRESET, config_fields
+from styles.pnginfo import read_recipe
+from trainer.config import DEFAULT_CAPTION_TEMPLATE, DEFAULT_PRESET, config_fields, make_config
 
 TOP_FIELDS = ("style_name", "trigger", "caption_template")  # shown above the Advanced accordion
 ADVANCED_FIELDS = [f for f in config_fields() if f.name not in TOP_FIELDS]
@@ -36,14 +40,19 @@ STYLE_COLUMNS = ["name", "trigger", "base_model", "family", "created", "rank", "
 CAPTION_COLUMNS = ["image", "name", "caption", "source"]  # the caption editor's table; only "caption" is editable
 GRID_SCALES = ", ".join(f"{scale:g}" for scale in DEFAULT_SCALES)  # the grid's columns, as the form shows them
 GRID_SEEDS = ", ".join(map(str, DEFAULT_SEEDS))
-STRIP_TOP_PX, STRIP_ROW_PX = 56, 216  # the validation strip: room for its label, then one row per checkpoint
+# The validation strip: room for its label, then one row per checkpoint (a 192 px tile, its caption (layout.CAPTION_PX),
+# borders, gap)
+STRIP_TOP_PX, STRIP_ROW_PX = 56, 244
 
 
 # -- plumbing ---------------------------------------------------------------------------------------
 def user_errors(fn):
-    """Show ValueError / FileExistsError messages to the user instead of a stack trace."""
+    """Show ValueError / OSError messages to the user instead of a stack trace or gradio's generic error."""
 
     def convert(err):
+        if isinstance(err, OSError) and not isinstance(err, FileExistsError):  # the disk, not the input (issue 18)
+            return gr.Error(f"A file could not be read or written: {err}. Check that the workspace has free space "
+                            "and is writable, then try again.", print_exception=False)
         return gr.Error(str(err), print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
@@ -52,7 +61,7 @@ def user_errors(fn):
         def wrapper(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except (ValueError, FileExistsError) as err:
+            except (ValueError, OSError) as err:
                 raise convert(err) from None
 
     else:
@@ -61,7 +70,7 @@ def user_errors(fn):
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except (ValueError, FileExistsError) as err:
+            except (ValueError, OSError) as err:
                 raise convert(err) from None
 
     return wrapper
@@ -168,23 +177,53 @@ def validation_strip(validation: list[dict]):
     items = [(path, ("★ " if entry is best else "") + f"step {entry['step']} · score {entry['score']:.3f}")
              for entry in reversed(validation) for path in entry["images"]]
     columns = max((len(entry["images"]) for entry in validation), default=1)
-    # As tall as its rows (a row is a 200 px tile, app/layout.py's CSS, and a gap), up to three, then it scrolls.
+    # As tall as its rows (STRIP_ROW_PX each, app/layout.py's CSS), up to three, then it scrolls.
     height = STRIP_TOP_PX + STRIP_ROW_PX * min(max(len(validation), 1), 3)
     return gr.update(value=items, columns=max(columns, 1), height=height)
 
 
 # -- training ---------------------------------------------------------------------------------------
 def _submit(studio: Studio, files, style_name, trigger, caption_template, preset, advanced: dict,
-            captions: dict | None = None) -> str:
-    """Queue a training job from the form's values; returns its id."""
+            captions: dict | None = None) -> tuple[str, str]:
+    """Queue a training job from the form's values; returns its id and what the upload gave (upload_summary)."""
     paths = [getattr(f, "name", f) for f in (files or [])]
+    missing = [what for what, given in (("the style name", (style_name or "").strip()), ("images", paths))
+               if not given]
+    if missing:  # every missing part at once, not one per press of Train
+        raise ValueError(f"To train, fill in {' and '.join(missing)}."
+                         + (" No images were uploaded: add image files or a zip of images." if not paths else ""))
     settings = dict(
         style_name=(style_name or "").strip(),
         trigger=(trigger or "").strip(),
         caption_template=caption_template or DEFAULT_CAPTION_TEMPLATE,
         **parse_advanced(advanced),
     )
-    return studio.submit(paths, preset or DEFAULT_PRESET, captions=captions, **settings)
+    job_id, images = studio.queue(paths, preset or DEFAULT_PRESET, captions=captions, **settings)
+    return job_id, upload_summary(images, captions)
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def upload_summary(images, edited: dict | None = None) -> str:
+    """What an upload gave, said at submit time: the images accepted, the captions paired with them (a .txt of the
+    same name, or the caption editor), the files skipped and why."""
+    edited = edited or {}
+    paired = [name for name, text in zip(images.names, images.captions) if text and name not in edited]
+    lines = [f"**{_count(len(images), 'image')} accepted**: {_names(images.names)}."]
+    if paired:
+        lines.append(f"Captions from a .txt of the same name: {_names(paired)}.")
+    if edited:
+        lines.append(f"Captions from the caption editor: {len(edited)}.")
+    rest = len(images) - len(paired) - len([name for name in images.names if name in edited])
+    if rest:
+        lines.append(f"{_count(rest, 'image')} without a caption: the captioner's or the template.")
+    lines.append("The trigger word is added to each caption at training.")
+    if images.skipped:
+        lines.append(f"**Skipped {len(images.skipped)}**: " + "; ".join(images.skipped_lines()) + ".")
+    return " ".join(lines)
 
 
 def edited_captions(captions, shown: list[dict] | None = None) -> dict[str, str] | None:
@@ -209,9 +248,8 @@ def edited_captions(captions, shown: list[dict] | None = None) -> dict[str, str]
     return result or None
 
 
-def _queued_message(studio: Studio, job_id: str, captions: dict | None) -> str:
-    edited = f" Captions given: {len(captions)}; the trigger word is added to each at training." if captions else ""
-    return f"Queued job {job_id} (position {studio.jobs.position(job_id)}).{edited}"
+def _queued_message(studio: Studio, job_id: str, summary: str) -> str:
+    return f"Queued job {job_id} (position {studio.jobs.position(job_id)}). {summary}"
 
 
 @with_advanced_parameters
@@ -223,9 +261,9 @@ def submit_training(studio: Studio, page, files, style_name, trigger=None, capti
     `captions` ({image name: caption}, or /caption_images' list, edited) replace the uploaded ones.
     Every TrainConfig field is an optional keyword (rank, steps, learning_rate, ...): empty uses the preset.
     """
-    captions = edited_captions(captions)
-    job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced, captions)
-    return {page.job_picker: job_id, page.job_message: _queued_message(studio, job_id, captions)}
+    job_id, summary = _submit(studio, files, style_name, trigger, caption_template, preset, advanced,
+                              edited_captions(captions))
+    return {page.job_picker: job_id, page.job_message: _queued_message(studio, job_id, summary)}
 
 
 @with_advanced_parameters
@@ -233,9 +271,9 @@ def submit_training(studio: Studio, page, files, style_name, trigger=None, capti
 def submit_form(studio: Studio, page, files, style_name, trigger, caption_template, preset, caption_table,
                 shown_captions, **advanced):
     """The Train button: queue the form, with the caption editor's captions (see edited_captions)."""
-    captions = edited_captions(caption_table, shown_captions)
-    job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced, captions)
-    return {page.job_picker: job_id, page.job_message: _queued_message(studio, job_id, captions)}
+    job_id, summary = _submit(studio, files, style_name, trigger, caption_template, preset, advanced,
+                              edited_captions(caption_table, shown_captions))
+    return {page.job_picker: job_id, page.job_message: _queued_message(studio, job_id, summary)}
 
 
 @with_advanced_parameters
@@ -243,7 +281,8 @@ def submit_form(studio: Studio, page, files, style_name, trigger, caption_templa
 def train_style(studio: Studio, page, files, style_name, trigger=None, caption_template=None, preset=None,
                 captions=None, **advanced):
     """Queue a training job and stream its progress (status, loss table, samples) until it ends."""
-    job_id = _submit(studio, files, style_name, trigger, caption_template, preset, advanced, edited_captions(captions))
+    job_id, _ = _submit(studio, files, style_name, trigger, caption_template, preset, advanced,
+                        edited_captions(captions))
     yield from follow_until_done(studio, page, job_id)
 
 
@@ -316,6 +355,23 @@ def save_preset(studio: Studio, page, preset_name, preset=None, **advanced):
             page.saved_presets: gr.update(choices=studio.preset_names(), value=path.stem)}
 
 
+def cuda_only(field) -> bool:
+    """A setting that does something on a CUDA GPU only (its help says so): hidden where there is none."""
+    return "CUDA GPU only" in field.metadata.get("help", "")
+
+
+def preset_values(studio: Studio, preset) -> dict:
+    """Every Advanced setting of a built-in preset on this base model's family, as its control shows it."""
+    config = make_config(preset or DEFAULT_PRESET, studio.base.defaults_family)
+    return {f.name: shown_value(f, getattr(config, f.name)) for f in ADVANCED_FIELDS}
+
+
+def fill_preset(studio: Studio, page, preset):
+    """Choosing a preset fills the Advanced controls with its values."""
+    values = preset_values(studio, preset)
+    return {page.advanced[f.name]: values[f.name] for f in ADVANCED_FIELDS}
+
+
 @user_errors
 def load_preset(studio: Studio, page, preset_name):
     """The saved preset's built-in preset and advanced settings, to fill the form."""
@@ -330,9 +386,56 @@ def job_view(studio: Studio, page, job_id) -> dict:
     status = describe(record, progress, studio.jobs.position(job_id))
     validation = validation_line(record, progress)
     return {page.status: f"{status}\n\n{validation}" if validation else status,
-            page.loss_plot: loss_chart(progress.losses), page.samples: list(progress.samples),
-            page.validation_plot: validation_chart(progress.validation),
+            page.loss_plot: gr.update(value=loss_chart(progress.losses), x_lim=_steps_axis(record.step)),
+            page.samples: list(progress.samples),
+            page.validation_plot: gr.update(value=validation_chart(progress.validation),
+                                            x_lim=_steps_axis(record.step)),
             page.validation_strip: validation_strip(progress.validation)}
+
+
+def _steps_axis(steps_done: int) -> list[int]:
+    """The charts' step axis: the steps so far, at least 10 wide, so its ticks are whole steps (a run's first steps
+    drew ticks at 0.5, 1.0, 1.5)."""
+    return [0, max(int(steps_done or 0), 10)]
+
+
+def _job_key(studio: Studio, job_id) -> tuple | None:
+    """What the job view depends on: when it is unchanged, a tick sends nothing. None for an unknown job."""
+    try:
+        record, progress = studio.jobs.get(job_id), studio.jobs.progress(job_id)
+    except (ValueError, KeyError):
+        return None
+    return (record.id, str(record.state), record.step, record.message, len(progress.losses),
+            tuple(path for path, _ in progress.samples), len(progress.validation), studio.jobs.position(job_id))
+
+
+@user_errors
+def show_job(studio: Studio, page, job_id, message=""):
+    """Picking a job: its whole view at once (the timer's ticks keep it live, see tick_job). The message under the
+    buttons goes unless it is about this job (a submit picks its job and says so in the same update)."""
+    if not job_id:
+        return {page.job_seen: None}
+    update = {**job_view(studio, page, job_id), page.job_seen: _job_key(studio, job_id)}
+    if message and f"job {str(job_id).lower()}" not in message.lower():
+        update[page.job_message] = ""
+    return update
+
+
+def tick_job(studio: Studio, page, job_id, seen):
+    """The picked job's view, when it changed since the last one sent (`seen`); nothing otherwise.
+
+    A timer, not a stream per pick: a stream kept the page on the first job picked until that job ended,
+    since Gradio runs a second pick only after the first event is done (issue 18). When the shown job ends (or
+    stops), the action message under the buttons ("queued to resume", ...) is out of date: cleared. Not when it
+    starts: the message of a submit (images accepted, files skipped) must stay long enough to be read.
+    """
+    key = _job_key(studio, job_id) if job_id else None
+    if key is None or key == (tuple(seen) if seen else None):
+        return gr.skip()
+    update = {**job_view(studio, page, job_id), page.job_seen: key}
+    if seen and seen[0] == key[0] and seen[1] != key[1] and key[1] not in ("queued", "running"):
+        update[page.job_message] = ""
+    return update
 
 
 @user_errors
@@ -381,9 +484,15 @@ def refresh_jobs(studio: Studio, page, picked, known_ids):
     if known_ids != ids:
         # With a job picked, new choices only: `picked` is what the picker held when this tick started, and a
         # job submitted meanwhile has picked itself since; writing the old value back would follow the wrong job.
-        update[page.job_picker] = (gr.update(choices=ids) if picked
-                                   else gr.update(choices=ids, value=ids[0] if ids else None))
+        update[page.job_picker] = gr.update(choices=ids) if picked else gr.update(choices=ids, value=_first_job(studio))
     return update
+
+
+def _first_job(studio: Studio) -> str | None:
+    """The job a fresh page shows: the running one, else the newest."""
+    records = studio.jobs.jobs()
+    running = [r.id for r in records if r.state == "running"]
+    return (running or [r.id for r in records] or [None])[0]
 
 
 @user_errors
@@ -416,17 +525,94 @@ def discard_job(studio: Studio, job_id):
 # -- generation -------------------------------------------------------------------------------------
 @user_errors
 def generate(studio: Studio, page, prompt, negative_prompt=None, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
-             width=0, height=0, styles=None, add_triggers=True):
+             width=0, height=0, styles=None, add_triggers=True, owner=""):
     """Generate images with styles blended at the given scales, e.g. styles={"ink": 0.8}.
 
-    With add_triggers (the default), the trigger word of each style in use is added to the prompt.
+    With add_triggers (the default), the trigger word of each style in use is added to the prompt. Seed -1 (any
+    negative seed) draws a random seed; the line under the picture names the seed used. Generations take turns;
+    /cancel_generation stops this client's, /generation_queue says where it stands.
     """
-    result = studio.generate(prompt, styles=styles or {}, **_options(negative_prompt, seed, steps, guidance, width,
-                                                                     height, add_triggers))
+    seed = random_seed(seed)
+    try:
+        result = studio.generate(prompt, styles=styles or {}, owner=owner,
+                                 **_options(negative_prompt, seed, steps, guidance, width, height, add_triggers))
+    except GenerationCancelled as stopped:  # the user's own Stop: said as news, not as an error; the picture stays
+        return {page.info: f"{stopped} Nothing was saved."}
     blend = ", ".join(f"{name} {scale:+.2f}" for name, scale in result.active.items()) or "none (base model)"
     notes = "".join(f"\n\n⚠ {w}" for w in result.warnings)
-    return {page.gallery: [str(p) for p in result.paths],
-            page.info: f"Seed {int(seed or 0)} · styles: {blend} · prompt used: `{result.prompt}`{notes}"}
+    return {page.gallery: [str(p) for p in result.paths], page.last_seed: result.seed,
+            page.info: f"Seed {result.seed} · styles: {blend} · prompt used: `{result.prompt}`{notes}"}
+
+
+def new_owner() -> str:
+    """A page's (or API session's) own id for its generations: what Stop cancels and the line shows."""
+    return f"page-{random.getrandbits(64):016x}"
+
+
+def watch_generation(watch=True):
+    """The page's status timer on as a generation is asked for; off, and the status line cleared, once it ended
+    (as it did or with an error)."""
+    return gr.Timer(active=True) if watch else (gr.Timer(active=False), "")
+
+
+def generation_status(studio: Studio, owner=""):
+    """Where this page's generation stands: waiting (behind how many) or drawing (step of steps); "" when none."""
+    queue = studio.generation_queue(owner)
+    if queue["position"] is None:
+        return ""
+    if queue["position"] == 0:
+        return f"Drawing: step {queue['step']} of {queue['steps']}." if queue["steps"] else "Drawing…"
+    return f"Waiting: {_count(queue['position'], 'generation')} ahead of yours. **Stop** leaves the line."
+
+
+def cancel_generation(studio: Studio, owner=""):
+    """Stop this page's generation: a waiting one leaves the line, a running one stops at its next step."""
+    return studio.cancel_generation(owner)
+
+
+def random_seed(seed):
+    """-1 (any negative seed) is a random seed, as in AUTOMATIC1111 (it was drawn as the literal seed -1); other
+    values go on as given, for the studio to check."""
+    try:
+        negative = seed is not None and float(seed) < 0
+    except (TypeError, ValueError):
+        return seed
+    return random.randrange(2**31) if negative else seed
+
+
+def reuse_seed(last_seed, seed):
+    """The Reuse button: the seed of the last picture into the Seed box (left as it is before any picture)."""
+    return seed if last_seed is None else last_seed
+
+
+def negative_scales(current_blend, negative):
+    """Allow negative scales toggled: the sliders' low end (-2 or 0), and the blend with negatives at 0 when off."""
+    blend = {name: (scale if negative else max(float(scale), 0.0)) for name, scale in (current_blend or {}).items()}
+    return blend, -2.0 if negative else 0.0
+
+
+@user_errors
+def png_info(studio: Studio, page, path):
+    """A dropped PNG's recipe into the form: prompt, negative prompt, seed, steps, guidance, size, style scales.
+
+    Styles it names that the library lacks are listed; the library's other styles go to 0.
+    """
+    if not path:
+        return gr.skip()
+    recipe = read_recipe(path)
+    scales = {name: float(scale) for name, scale in (recipe.get("styles") or {}).items()}
+    names = studio.library.names()
+    blend = {name: scales.get(name, 0.0) for name in names}
+    missing = sorted(set(scales) - set(names))
+    update = {page.blend: blend, page.slider_values: blend, page.allow_negative: any(v < 0 for v in blend.values()),
+              page.info: f"Filled the form from **{Path(path).name}**." + (
+                  f" ⚠ Not in the library (left out): {', '.join(missing)}." if missing else "")}
+    fields = {"prompt": page.prompt, "negative_prompt": page.negative, "seed": page.seed, "steps": page.steps,
+              "guidance": page.guidance, "width": page.width, "height": page.height}
+    update.update({fields[key]: recipe[key] for key in fields if recipe.get(key) not in (None, "", 0)})
+    if "negative_prompt" in recipe:  # an empty negative prompt is part of the recipe too
+        update[page.negative] = recipe["negative_prompt"]
+    return update
 
 
 def _count(number: int, noun: str) -> str:
@@ -434,15 +620,16 @@ def _count(number: int, noun: str) -> str:
 
 
 def _options(negative_prompt, seed, steps, guidance, width, height, add_triggers) -> dict:
-    """The generation options of the form (or an API call), as Studio.generate and Studio.grid take them."""
-    return dict(negative_prompt=negative_prompt or "", seed=int(seed or 0), steps=int(steps), guidance=float(guidance),
-                width=int(width or 0), height=int(height or 0), add_triggers=add_triggers is not False)
+    """The generation options of the form (or an API call), as Studio.generate and Studio.grid take them: passed
+    on as sent (empty: the default), for Blender.check_options to name what is wrong (int(NaN) said nothing)."""
+    return dict(negative_prompt=negative_prompt or "", seed=0 if seed is None else seed, steps=steps,
+                guidance=guidance, width=width or 0, height=height or 0, add_triggers=add_triggers is not False)
 
 
 @user_errors
 def generate_grid(studio: Studio, page, prompt, rows="styles", styles=None, seeds=GRID_SEEDS, scales=GRID_SCALES,
                   negative_prompt=None, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, width=0, height=0,
-                  add_triggers=True):
+                  add_triggers=True, owner=""):
     """A scale grid in one PNG: columns are scales; rows are styles (each alone, at `seed`) or seeds (the
     styles together). In each cell every style of its row is at the column's scale, the others off.
 
@@ -450,8 +637,12 @@ def generate_grid(studio: Studio, page, prompt, rows="styles", styles=None, seed
     PNG's path (saved in the workspace's outputs, its recipe in its text chunks) and a description.
     """
     names = [styles] if isinstance(styles, str) and styles else list(styles or [])
-    grid = studio.grid(prompt, rows or "styles", names, scales, seeds,
-                       **_options(negative_prompt, seed, steps, guidance, width, height, add_triggers))
+    seed = random_seed(seed)
+    try:
+        grid = studio.grid(prompt, rows or "styles", names, scales, seeds, owner=owner,
+                           **_options(negative_prompt, seed, steps, guidance, width, height, add_triggers))
+    except GenerationCancelled as stopped:
+        return {page.grid_info: f"{stopped} The grid was not drawn."}
     layout = grid.recipe["grid"]
     size = f"{_count(len(layout['row_labels']), 'row')} × {_count(len(layout['scales']), 'scale')}"
     where = f"seed {int(seed or 0)}" if layout["rows"] == "styles" else f"styles: {' + '.join(layout['styles'])}"
@@ -480,8 +671,22 @@ def import_style(studio: Studio, file, name=""):
     if not file:
         raise ValueError("Choose a .safetensors LoRA file to import.")
     imported, notes = studio.import_style(file, name or "")
+    return _imported(imported, notes)
+
+
+def _imported(name: str, notes: list[str]) -> str:
     left_out = "".join(f"\n- {note}" for note in notes)
-    return f"Imported **{imported}**." + (f" Left out:{left_out}" if left_out else "")
+    return f"Imported **{name}**." + (f" Left out:{left_out}" if left_out else "")
+
+
+@user_errors
+def import_form(studio: Studio, page, file, name=""):
+    """The Import button: import, pick the imported style, empty the form (it kept the old name and file)."""
+    if not file:
+        raise ValueError("Choose a .safetensors LoRA file to import.")
+    imported, notes = studio.import_style(file, name or "")
+    return {page.styles_message: _imported(imported, notes), page.picker: _pick(studio, imported),
+            page.import_name: "", page.import_file: None}
 
 
 @user_errors
@@ -492,11 +697,58 @@ def delete_style(studio: Studio, name):
 
 
 @user_errors
+def ask_delete(studio: Studio, page, name):
+    """Delete asks first: a second button names the style, and only it deletes (a double click deleted two)."""
+    studio.library.get(name or "")  # an unknown name gets the message listing the styles
+    return {page.confirm_delete: gr.update(value=f"Confirm delete {name}", visible=True), page.delete_pending: name,
+            page.styles_message: f"Delete **{name}** for good? Press **Confirm delete {name}**; pick another style "
+                                 "to keep it."}
+
+
+@user_errors
+def confirm_delete(studio: Studio, page, pending):
+    """Delete the style Delete asked about (not whatever the picker holds by now); hide the confirm button."""
+    if not pending:
+        raise ValueError("Press Delete first.")
+    message = delete_style.__wrapped__(studio, pending)
+    return {page.styles_message: message, page.confirm_delete: gr.update(visible=False), page.delete_pending: None}
+
+
+def cancel_delete(page, name):
+    """Picking another style takes the pending delete back."""
+    return {page.confirm_delete: gr.update(visible=False), page.delete_pending: None}
+
+
+@user_errors
 def rename_style(studio: Studio, old, new):
     """Rename a style (its file and thumbnail)."""
     new = (new or "").strip()
     studio.rename(old, new)
     return f"Renamed **{old}** to **{new}**."
+
+
+@user_errors
+def rename_form(studio: Studio, page, old, new):
+    """The Rename button: rename, keep the renamed style picked, empty the New name box."""
+    message = rename_style.__wrapped__(studio, old, new)
+    return {page.styles_message: message, page.picker: _pick(studio, (new or "").strip()), page.new_name: ""}
+
+
+def _pick(studio: Studio, name: str | None):
+    return gr.update(choices=studio.library.names(), value=name)
+
+
+def _neighbour(names: list[str], before: list[str] | None, picked: str | None) -> str | None:
+    """The style to pick after the library changed: the one picked, if still there; after a delete, the next one
+    that was listed (else the one before it), not the first in the alphabet; nothing when none is left."""
+    if picked in names:
+        return picked
+    if not before or picked not in before:
+        return names[0] if names and not picked else None
+    index = before.index(picked)
+    after = [name for name in before[index + 1:] if name in names]
+    earlier = [name for name in reversed(before[:index]) if name in names]
+    return (after or earlier or [None])[0]
 
 
 def styles_table(infos) -> pd.DataFrame:
@@ -510,19 +762,31 @@ def styles_table(infos) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=STYLE_COLUMNS)
 
 
-def refresh_styles(studio: Studio, page, current_blend, known_names, grid_styles=None):
+def problems_note(problems) -> str:
+    """The files in the styles folder that cannot be used, each with its reason (they never reach generation)."""
+    if not problems:
+        return ""
+    return "**⚠ Cannot be used** (pick one and Delete it, or replace the file):\n" + "".join(
+        f"\n- {problem.reason}" for problem in problems)
+
+
+def refresh_styles(studio: Studio, page, current_blend, known_names, grid_styles=None, picked=None):
     """Re-read the library; update sliders, tables and pickers only when the set of styles changed."""
     names = studio.library.names()
     if known_names is not None and list(known_names) == names:
         return gr.skip()
-    blend = {name: (current_blend or {}).get(name, 0.0) for name in names}
-    infos = studio.library.list()
+    # Only readable styles get a slider; a damaged file is listed with its reason and can still be picked to delete.
+    infos, problems = studio.library.scan()
+    blend = {info.name: (current_blend or {}).get(info.name, 0.0) for info in infos}
     return {
         page.slider_values: blend,
         page.known_names: names,
         page.blend: blend,
         page.table: styles_table(infos),
-        page.thumbs: [(str(i.thumbnail), f"{i.name} · trigger: {i.trigger}") for i in infos if i.thumbnail],
-        page.picker: gr.update(choices=names, value=names[0] if names else None),
-        page.grid_styles: gr.update(choices=names, value=[name for name in grid_styles or [] if name in names]),
+        page.style_problems: problems_note(problems),
+        # A style without a thumbnail (an import) gets a placeholder: it was missing from the gallery.
+        page.thumbs: [(str(i.thumbnail or studio.placeholder_thumbnail()), f"{i.name} · trigger: {i.trigger}")
+                      for i in infos],
+        page.picker: gr.update(choices=names, value=_neighbour(names, known_names, picked)),
+        page.grid_styles: gr.update(choices=list(blend), value=[name for name in grid_styles or [] if name in blend]),
     }

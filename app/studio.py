@@ -12,17 +12,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 from core.files import staged_folder, write_bytes_atomic
-from core.names import check_style_name, safe_style_name
+from core.names import brief, check_style_name, safe_style_name
+from core.threads import ALONE, BESIDE_TRAINING, torch_threads
 from embedded.examples import EXAMPLES
 from models.base import load_base
 from models.captions import auto_captions
-from styles import formats
+from models.threads import use_threads
+from styles import formats, generation
 from styles.blend import Blender, save_png
+from styles.generation import Ticket
 from styles.grid import DEFAULT_SCALES, DEFAULT_SEEDS, draw_grid, numbers
-from styles.library import StyleLibrary
+from styles.library import StyleInfo, StyleLibrary
 from trainer.config import DEFAULT_PRESET, make_config, read_settings, write_settings
-from trainer.data import UploadLimits, ingest
+from trainer.data import ImageSet, UploadLimits, ingest
 from trainer.jobs import JobManager, JobRecord, Progress
 
 EXPORT_LAYOUTS = ("kohya", "diffusers")  # the first is the default download
@@ -36,6 +41,7 @@ class Generated:
     active: dict[str, float]
     warnings: list[str]
     prompt: str = ""  # the prompt actually used: trigger words included
+    seed: int = 0  # the seed used (a random one when -1 was asked for)
 
 
 @dataclass
@@ -59,7 +65,7 @@ class Studio:
     """One workspace, one base model, one blender; training runs in child processes."""
 
     def __init__(self, workspace: str | Path, model: str | None = None, limits: UploadLimits | None = None,
-                 model_config: str | None = None):
+                 model_config: str | None = None, threads: int | None = None, allow_large: bool = False):
         self.workspace = Path(workspace).resolve()
         self.model = model
         self.limits = limits or UploadLimits()  # caps on each upload (files, bytes, pixels)
@@ -70,9 +76,11 @@ class Studio:
         for folder in (self.outputs, self.exports):
             folder.mkdir(parents=True, exist_ok=True)
         self.base = load_base(model, model_config=model_config)
-        self.blender = Blender(self.base, self.library)
+        # allow_large: pictures up to 2048 px on any base (else twice its native side): the server's opt-in
+        self.blender = Blender(self.base, self.library, allow_large=allow_large)
         # one training job at a time, in a child process
-        self.jobs = JobManager(self.workspace, model, model_config).start()
+        self.threads = threads  # CPU threads for training and generation; None: sized by core/threads.py
+        self.jobs = JobManager(self.workspace, model, model_config, threads).start()
 
     def close(self) -> None:
         """Stop the job queue (a running job stops with a checkpoint, to resume)."""
@@ -80,7 +88,13 @@ class Studio:
 
     # -- train ---------------------------------------------------------------------------
     def submit(self, sources: list[str], preset: str, captions: dict[str, str] | None = None, **settings) -> str:
-        """Validate and ingest, then queue a training job; returns its id (jobs run one at a time).
+        """Validate and ingest, then queue a training job; returns its id (see queue)."""
+        return self.queue(sources, preset, captions, **settings)[0]
+
+    def queue(self, sources: list[str], preset: str, captions: dict[str, str] | None = None, **settings
+              ) -> tuple[str, ImageSet]:
+        """Validate and ingest, then queue a training job; returns its id (jobs run one at a time) and the images
+        as ingested (what was accepted, captioned and skipped: the Train tab says so at once).
 
         `captions` ({image name: caption}, as caption_images names them) replace the uploaded ones: the
         caption editor's text. `{trigger}` in one becomes the trigger word; an empty one falls back to the
@@ -101,7 +115,7 @@ class Studio:
             if name in (captions or {}):
                 text = str(captions[name] or "").replace("{trigger}", cfg.trigger_word).strip()
                 images.captions[index] = text or None
-        return self.jobs.submit(cfg, images)
+        return self.jobs.submit(cfg, images), images
 
     def caption_images(self, sources: list[str], caption_template: str, auto_caption: bool = True
                        ) -> tuple[list[Caption], str]:
@@ -115,6 +129,7 @@ class Studio:
         missing = [i for i, text in enumerate(images.captions) if not (text and text.strip())]
         found, note = [], ""
         if missing and auto_caption:
+            self._size_threads()
             found, note = auto_captions([images.images[i] for i in missing], self.base.model_id, self.base.family)
         elif missing:
             note = "Automatic captions are off (Advanced: Auto caption): images without a .txt use the template."
@@ -187,55 +202,96 @@ class Studio:
         style_name = next(
             candidate
             for candidate in [name] + [f"{name}-{i}" for i in range(2, 1000)]
-            if not self.library.exists(candidate)
+            if not self.library.exists(candidate) and not self.jobs.holder(candidate)  # nor a queued job's
         )
         return sorted(folder.iterdir()), style_name
 
     # -- generate ------------------------------------------------------------------------
-    def generate(self, prompt: str, styles: dict[str, float] | None = None, **options) -> Generated:
-        if not prompt or not prompt.strip():
-            raise ValueError("Write a prompt first.")
+    def generate(self, prompt: str, styles: dict[str, float] | None = None, owner: str = "", **options) -> Generated:
+        """Draw and save; `options` are Blender.generate's, checked there. Generations take turns: `owner` (the
+        page's or API client's session) can ask its place (generation_queue) or cancel it (cancel_generation)."""
+        prompt = _prompt(prompt)
         warnings_before = len(self.blender.warnings)
-        images = self.blender.generate(prompt, styles=styles, **options)
+        self._size_threads()
+        images = self.blender.generate(prompt, styles=styles, ticket=Ticket(owner), **options)
         recipe = json.loads(images[0].info["style_studio"])  # the blender's own record of what it applied
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{recipe['seed']}"
         paths = [
             save_png(image, self.outputs / f"{stamp}-{index}-{time.monotonic_ns() % 10**6}.png")
             for index, image in enumerate(images)
         ]
-        return Generated(paths, recipe["styles"], self.blender.warnings[warnings_before:], recipe["prompt"])
+        return Generated(paths, recipe["styles"], self.blender.warnings[warnings_before:], recipe["prompt"],
+                         recipe["seed"])
 
     def grid(self, prompt: str, rows: str = "styles", styles: list[str] | None = None, scales=DEFAULT_SCALES,
-             seeds=DEFAULT_SEEDS, **options) -> Grid:
+             seeds=DEFAULT_SEEDS, owner: str = "", add_triggers: bool = True, **options) -> Grid:
         """A scale grid (styles/grid.py) saved into outputs/; `styles` empty: every style in the library.
 
-        `scales` and `seeds` are lists or comma-separated text; `options` are generate's.
+        `scales` and `seeds` are lists or comma-separated text; `options` are generate's, all checked before the
+        first picture (seed -1: one random seed for the grid). Cancelling `owner`'s generations stops the grid.
         """
-        if not prompt or not prompt.strip():
-            raise ValueError("Write a prompt first.")
+        prompt = _prompt(prompt)
+        checked = self.blender.check_options(prompt, **options)
+        options = {key: checked[key] for key in ("negative_prompt", "seed", "steps", "guidance", "width", "height")}
         scales = numbers(scales, float, "Scales")
         seeds = numbers(seeds, int, "Seeds") if rows == "seeds" else []  # a style grid has one seed: options'
+        for seed in seeds:
+            generation.whole(seed, "Seeds", 0, generation.MAX_SEED)
+        if styles is not None and not isinstance(styles, list | tuple):
+            raise ValueError(f"Styles is {brief(styles)}: send a list of style names, e.g. [\"ink\", \"polka\"].")
         warnings_before = len(self.blender.warnings)
-        picture = draw_grid(self.blender, prompt, rows, list(styles or self.library.names()), scales, seeds, **options)
+        self._size_threads()
+        picture = draw_grid(self.blender, prompt, rows, list(styles or self._usable_styles()), scales, seeds,
+                            add_triggers=add_triggers, ticket=Ticket(owner), **options)
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}"
         path = save_png(picture, self.outputs / f"grid-{stamp}.png")
         warnings = list(dict.fromkeys(self.blender.warnings[warnings_before:]))  # once each, not once per cell
         return Grid(path, json.loads(picture.info["style_studio"]), warnings)
 
+    def generation_queue(self, owner: str = "") -> dict:
+        """Where `owner`'s generation stands: {"position": 0 running, n behind n others, None without one;
+        "waiting": how many wait in all; "step", "steps": the running generation's progress}."""
+        running = self.blender.line.running()
+        return {"position": self.blender.line.position(owner), "waiting": self.blender.line.waiting(),
+                "step": running.step if running else 0, "steps": running.steps if running else 0}
+
+    def cancel_generation(self, owner: str = "") -> str:
+        """Cancel `owner`'s generations: a waiting one leaves the line, a running one stops at its next step."""
+        count = self.blender.line.cancel(owner)
+        if not count:
+            return "No generation of yours is running or waiting."
+        return f"Cancelled {count} generation{'s' if count > 1 else ''}: a running one stops at its next step."
+
+    def _size_threads(self) -> None:
+        """Torch's threads for work in this process: every core, or one while a job trains beside it."""
+        use_threads(torch_threads(BESIDE_TRAINING if self.jobs.training else ALONE, self.threads))
+
     # -- library -------------------------------------------------------------------------
+    def _usable_styles(self) -> list[str]:
+        """The styles a grid of "every style" draws: the readable ones (a damaged file is listed, not drawn)."""
+        return [info.name for info in self.library.list()]
+
     def list_styles(self) -> list[dict]:
-        return [info.summary() for info in self.library.list()]
+        """Every style file, by name: a readable one's summary with "unreadable": None; a damaged or foreign one
+        with its other fields None and "unreadable" the reason (it can only be deleted), never a silent gap."""
+        styles, problems = self.library.scan()
+        blank = dict.fromkeys(StyleInfo("", Path(), None).summary())
+        rows = [{**info.summary(), "unreadable": None} for info in styles]
+        rows += [{**blank, "name": problem.name, "unreadable": problem.reason} for problem in problems]
+        return sorted(rows, key=lambda row: row["name"])
 
     def export(self, name: str, layout: str = "kohya") -> Path:
         """A download copy of a style: the kohya layout (A1111, ComfyUI and diffusers load it) or diffusers'.
 
-        Each layout has its own folder, so the file keeps the style's name (A1111 calls a LoRA by
-        its file name) and one layout's export never overwrites the other's.
+        Each layout has its own folder, so one layout's export never overwrites the other's. The kohya file
+        keeps the style's name (A1111 calls a LoRA by its file name); the diffusers one is <name>_diffusers, so
+        the two downloads are told apart in a downloads folder (issue 18).
         """
         if layout not in EXPORT_LAYOUTS:
             raise ValueError(f"Unknown export layout {layout!r}; choose one of {', '.join(EXPORT_LAYOUTS)}.")
         source = self.library.get(name).path
-        target = self.exports / layout / f"{name}.safetensors"
+        suffix = "" if layout == "kohya" else "_diffusers"
+        target = self.exports / layout / f"{name}{suffix}.safetensors"
         target.parent.mkdir(exist_ok=True)
         if layout == "kohya":
             tensors, metadata = formats.to_kohya(source, self.base.layout.layers_per_block)
@@ -251,17 +307,43 @@ class Studio:
         made safe; an existing style is never replaced.
         """
         path = Path(path)
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"Name is {brief(name)}: send the style's name as text, or nothing for the file's name.")
         name = name.strip() if name and name.strip() else safe_style_name(path.stem)
         self.library.ensure_free(name)  # checks the name too: refused before the file is read
+        self.jobs.check_name_free(name)  # nor the name a queued or running job will save under
         adapter, notes = formats.import_style(path, self.base.layout, self.base.family)
         self.library.save(name, adapter.to_bytes())
         return name, notes
 
+    def placeholder_thumbnail(self) -> Path:
+        """The picture the Styles gallery shows for a style without a thumbnail (an import): drawn once."""
+        path = self.workspace / "thumbnails" / "placeholder.png"
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            picture = Image.new("RGB", (64, 64), (228, 228, 231))
+            draw = ImageDraw.Draw(picture)
+            draw.rectangle((4, 4, 59, 59), outline=(161, 161, 170))
+            draw.text((32, 32), "LoRA", fill=(82, 82, 91), anchor="mm")
+            data = io.BytesIO()
+            picture.save(data, format="PNG")
+            write_bytes_atomic(path, data.getvalue())
+        return path
+
     def rename(self, old: str, new: str) -> None:
+        self.jobs.check_name_free(new)
         self.library.rename(old, new)
 
     def delete(self, name: str) -> None:
         self.library.delete(name)
+
+
+def _prompt(prompt) -> str:
+    """The prompt, checked: text of at most MAX_PROMPT_CHARS, not blank."""
+    prompt = generation.text(prompt, "Prompt")
+    if not prompt.strip():
+        raise ValueError("Write a prompt first.")
+    return prompt
 
 
 def describe(record: JobRecord, progress: Progress, position: int = 0) -> str:

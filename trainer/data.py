@@ -237,8 +237,10 @@ def _zip_entries(path: Path, limits: UploadLimits, archives: contextlib.ExitStac
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         yield _Entry(_shown(path.name), refused=f"not a valid zip archive ({err})")
         return
+    candidates = 0  # members that could be pictures: a zip with none is named, not silently empty (issue 18)
     for info in sorted(archive.infolist(), key=lambda i: i.filename):
         entry = _Entry(_shown(f"{path.name}/{info.filename}"), info.file_size)
+        candidates += not (info.is_dir() or _is_hidden(info.filename) or entry.is_caption)
         if _unsafe_member(info.filename):  # before the hidden-file rule, which would drop '../x' silently
             entry.refused = "unsafe path inside the zip (absolute, a drive, or containing '..')"
         elif info.is_dir() or _is_hidden(info.filename):
@@ -252,6 +254,9 @@ def _zip_entries(path: Path, limits: UploadLimits, archives: contextlib.ExitStac
         else:
             entry.open = lambda info=info: archive.open(info)
         yield entry
+    if not candidates:
+        yield _Entry(_shown(path.name), refused="the zip holds no images (only captions, folders or hidden files)"
+                     if archive.infolist() else "the zip is empty: it holds no images")
 
 
 def _check_upload(entries: list[_Entry], limits: UploadLimits) -> None:
