@@ -181,7 +181,7 @@ def test_training_gets_the_blenders_pipeline_only_through_lend_base(blender, lib
     from trainer.train import train
 
     ink, drawn = _image(blender, {"ink": 1.0}), _image(blender, scales)
-    cfg = make_config("Quick", style_name="after", steps=3, num_samples=0)
+    cfg = make_config("Quick", style_name="after", steps=3, num_samples=0, validation_prompts=0)
     images = ImageSet([pattern_image(9)], [None], ["a"])
     refused = list(train(cfg, images, blender.base))
     assert len(refused) == 1 and isinstance(refused[0], Failed) and "lend_base" in refused[0].message

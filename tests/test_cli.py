@@ -27,7 +27,8 @@ def _run(*args, cwd=ROOT):
 @pytest.mark.slow
 def test_cli_trains_from_a_toml_config(tmp_path, image_folder):
     config = tmp_path / "style.toml"
-    config.write_text('style_name = "cli-style"\npreset = "Quick"\nsteps = 5\nnum_samples = 0\n')
+    config.write_text('style_name = "cli-style"\npreset = "Quick"\nsteps = 5\nnum_samples = 0\n'
+                      'validation_prompts = 0\n')
     result = _run("--config", config, "--images", image_folder, "--workspace", tmp_path / "ws", "--threads", 1)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ws" / "styles" / "cli-style.safetensors").is_file()
@@ -56,7 +57,8 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path, image_folder):
     args = ["--preset", "Quick", "--set", "style_name=later", "--set", "steps=100000", "--set", "checkpoint_every=5",
-            "--set", "num_samples=0", "--images", image_folder, "--workspace", tmp_path / "ws"]
+            "--set", "num_samples=0", "--set", "validation_prompts=0", "--images", image_folder,
+            "--workspace", tmp_path / "ws"]
     run = subprocess.Popen([sys.executable, "-m", "trainer", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE,
                            text=True)
     checkpoints = tmp_path / "ws" / "runs" / "later" / "checkpoints"

@@ -59,7 +59,8 @@ def offline_cache(tmp_path, monkeypatch):
 def _train(base, library, name, seed, steps=4, **overrides):
     images = [pattern_image(seed * 10 + i, size=tiny_models.RESOLUTION) for i in range(3)]
     image_set = ImageSet(images=images, captions=[None] * 3, names=["a", "b", "c"])
-    settings = dict(learning_rate=1e-2, num_samples=1, sample_every=0, checkpoint_every=0, caption_dropout=0.5)
+    settings = dict(learning_rate=1e-2, num_samples=1, sample_every=0, checkpoint_every=0, caption_dropout=0.5,
+                    validation_prompts=0)
     cfg = make_config("Quick", style_name=name, steps=steps, seed=seed, **{**settings, **overrides})
     events = list(train(cfg, image_set, base))
     assert isinstance(events[-1], Finished), events[-1]

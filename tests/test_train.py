@@ -40,7 +40,7 @@ def _fixed_batch(base, images, cfg):
 
 def test_training_lowers_the_loss_and_changes_the_unet(base, library):
     images = _images()
-    cfg = make_config("Quick", style_name="stripes", steps=30, learning_rate=1e-3, num_samples=1)
+    cfg = make_config("Quick", validation_prompts=0, style_name="stripes", steps=30, learning_rate=1e-3, num_samples=1)
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
@@ -104,7 +104,7 @@ def test_existing_style_is_not_overwritten(base, library):
     """train() hands its style back; saving it under a taken name is refused and the old file stays."""
     train_style(library, "taken", seed=1)
     before = library.path_for("taken").read_bytes()
-    events = list(train(make_config("Quick", style_name="taken", steps=2), _images(), base))
+    events = list(train(make_config("Quick", validation_prompts=0, style_name="taken", steps=2), _images(), base))
     with pytest.raises(FileExistsError, match="already exists"):
         save_style(library, events[-1])
     assert library.path_for("taken").read_bytes() == before
@@ -113,7 +113,8 @@ def test_existing_style_is_not_overwritten(base, library):
 def test_stop_flag_cancels_without_saving_a_style(base, library):
     stop = threading.Event()
     events = []
-    for event in train(make_config("Quick", style_name="halt", steps=50), _images(), base, stop=stop):
+    cfg = make_config("Quick", validation_prompts=0, style_name="halt", steps=50)
+    for event in train(cfg, _images(), base, stop=stop):
         events.append(event)
         if isinstance(event, Step) and event.step == 3:
             stop.set()
@@ -139,8 +140,8 @@ def _run(cfg, library, checkpoints=None, resume=False, stop_at=None):
 def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_adapter(tmp_path, schedule):
     from safetensors.torch import load_file
 
-    cfg = make_config("Quick", style_name="same", steps=12, learning_rate=1e-3, lr_schedule=schedule, num_samples=0,
-                      checkpoint_every=4)
+    cfg = make_config("Quick", validation_prompts=0, style_name="same", steps=12, learning_rate=1e-3,
+                      lr_schedule=schedule, num_samples=0, checkpoint_every=4)
     _run(cfg, StyleLibrary(tmp_path / "a"))  # straight through: the style to compare with
     checkpoints = CheckpointDir(tmp_path / "ckpt", keep=2)
     library = StyleLibrary(tmp_path / "b")
@@ -164,7 +165,7 @@ def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_adapter(tmp_
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     checkpoints = CheckpointDir(tmp_path / "ckpt", keep=3)
-    cfg = make_config("Quick", style_name="fall", steps=8, num_samples=0, checkpoint_every=4)
+    cfg = make_config("Quick", validation_prompts=0, style_name="fall", steps=8, num_samples=0, checkpoint_every=4)
     _run(cfg, StyleLibrary(tmp_path / "ws"), checkpoints, stop_at=6)
     newest = checkpoints.paths()[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write from another tool
@@ -186,7 +187,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
     monkeypatch.setattr(train_module, "diffusion_loss", loss_that_explodes_at_step_6)
     checkpoints = CheckpointDir(tmp_path / "ckpt")
-    cfg = make_config("Quick", style_name="nan", steps=10, num_samples=0, checkpoint_every=4)
+    cfg = make_config("Quick", validation_prompts=0, style_name="nan", steps=10, num_samples=0, checkpoint_every=4)
     events = _run(cfg, StyleLibrary(tmp_path / "ws"), checkpoints)
     assert isinstance(events[-1], Failed) and "loss became nan at step 6" in events[-1].message
     assert "step-000004" in events[-1].message and not StyleLibrary(tmp_path / "ws").exists("nan")
@@ -227,7 +228,8 @@ def test_caption_dropout_trains_on_the_empty_caption(library):
 
     def adapter(name, caption, dropout):
         images = ImageSet(images=[pattern_image(i) for i in range(2)], captions=[caption] * 2, names=["a", "b"])
-        cfg = make_config("Quick", style_name=name, steps=4, learning_rate=1e-3, num_samples=0, caption_dropout=dropout)
+        cfg = make_config("Quick", validation_prompts=0, style_name=name, steps=4, learning_rate=1e-3, num_samples=0,
+                          caption_dropout=dropout)
         from models.base import load_base
 
         events = list(train(cfg, images, load_base()))
@@ -249,7 +251,8 @@ def _losses(events):
 def test_gradient_checkpointing_gives_the_same_losses_and_is_switched_off_again(base, library):
     """Recomputing activations changes memory, not maths: the same steps give the same losses."""
     # one name: one caption
-    options = dict(style_name="same", steps=4, learning_rate=1e-3, num_samples=0, checkpoint_every=0)
+    options = dict(style_name="same", steps=4, learning_rate=1e-3, num_samples=0, checkpoint_every=0,
+                   validation_prompts=0)
     checkpointed = _losses(list(train(make_config("Quick", gradient_checkpointing=True, **options), _images(), base)))
     unet = base.pipe.unet
     # the borrowed UNet is as it was
@@ -274,7 +277,7 @@ def test_a_failed_graph_capture_falls_back_to_the_eager_unet_with_the_reason(bas
 def test_channels_last_trains_and_gives_the_unet_back_as_it_came(base, library):
     from models.base import load_base
 
-    cfg = make_config("Quick", style_name="nhwc", steps=2, num_samples=0, channels_last=True)
+    cfg = make_config("Quick", validation_prompts=0, style_name="nhwc", steps=2, num_samples=0, channels_last=True)
     events = list(train(cfg, _images(), base))
     assert isinstance(events[-1], Finished), events[-1]
     convs = [m.weight for m in base.pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -309,7 +312,7 @@ def test_gpu_only_options_fail_on_the_cpu_with_the_reason(base, library, monkeyp
 
     # as if installed: the device is the problem
     monkeypatch.setattr(trainer.config, "bitsandbytes_installed", lambda: True)
-    cfg = make_config("Quick", style_name="gpu-only", steps=2, **overrides)
+    cfg = make_config("Quick", validation_prompts=0, style_name="gpu-only", steps=2, **overrides)
     events = list(train(cfg, _images(), base))
     assert len(events) == 1 and isinstance(events[0], Failed) and message in events[0].message
     assert not library.exists("gpu-only")
