@@ -345,7 +345,8 @@ def _styles_tab(page: Page) -> None:
             page.confirm_delete = gr.Button("Confirm delete", variant="stop", visible=False, elem_id="confirm-delete")
         page.delete_pending = gr.State(None)  # the style Delete asked about: the only one Confirm deletes
         page.export_layout = gr.Radio(
-            [("kohya (A1111, ComfyUI, diffusers)", "kohya"), ("diffusers / PEFT", "diffusers")],
+            [("kohya: AUTOMATIC1111, ComfyUI, Forge, sd-scripts, diffusers", "kohya"),
+             ("diffusers / PEFT: diffusers and PEFT code only", "diffusers")],
             value="kohya", label="Download layout",
         )
         page.export_button = gr.Button("Download .safetensors")

@@ -16,7 +16,9 @@ trained alpha.
 
 from __future__ import annotations
 
+import json
 import re
+from datetime import datetime
 
 import torch
 
@@ -24,13 +26,17 @@ UNET = "lora_unet_"
 TEXT_ENCODER = ("lora_te_", "lora_te1_", "lora_te2_")  # SD 1.x/2.x; SDXL's first and second encoder
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
-# sd-scripts' names of the base model each family is, and the model-spec architecture strings.
+# sd-scripts' names of the base model each family is, and the model-spec architecture ids and implementations
+# as sd-scripts writes them (library/sai_model_spec.py: determine_architecture, determine_implementation).
 BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {
     "sd1": "stable-diffusion-v1/lora",
-    "sd2": "stable-diffusion-v2/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sd2-v": "stable-diffusion-v2-768-v/lora",
     "sdxl": "stable-diffusion-xl-v1-base/lora",
 }
+MODELSPEC_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models"}  # the others: "diffusers"
+
 
 _DOWN_ATTN = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
 _UP_ATTN = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
@@ -88,9 +94,15 @@ def export(
 def training_metadata(
     family: str, name: str, rank: int, alpha: float, info: dict[str, str], config: dict
 ) -> dict[str, str]:
-    """The `ss_*` and `modelspec.*` entries that A1111's and ComfyUI's LoRA browsers show."""
-    resolution = config.get("resolution") or ""
-    return {
+    """The `ss_*` and `modelspec.*` entries as sd-scripts' train_network.py writes them: what A1111's and
+    ComfyUI's LoRA browsers show. Times are epoch seconds; `ss_tag_frequency` counts the comma-separated tags
+    of the training captions (sd-scripts' set_tag_frequency), so A1111 lists the trigger word first."""
+    v_prediction = _v_prediction(family, info)
+    side = info.get("resolution") or str(config.get("resolution") or "")
+    width, _, height = side.partition("x")
+    width, height = (width, height or width) if width else ("", "")
+    architecture = MODELSPEC_ARCHITECTURE.get(family + ("-v" if family == "sd2" and v_prediction else ""), "")
+    metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}",
@@ -106,15 +118,53 @@ def training_metadata(
         "ss_max_train_steps": str(config.get("steps", "")),
         "ss_train_batch_size": str(config.get("batch_size", "")),
         "ss_seed": str(config.get("seed", "")),
-        "ss_resolution": f"({resolution}, {resolution})" if resolution else "",
+        "ss_resolution": f"({width}, {height})" if width else "",
         "ss_num_train_images": info.get("num_images", ""),
-        "ss_training_finished_at": info.get("created", ""),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(family, ""),
-        "modelspec.implementation": "diffusers",
+        "ss_training_started_at": _epoch(info.get("started_at", "")),
+        "ss_training_finished_at": _epoch(info.get("created", "")),
+        "ss_tag_frequency": json.dumps({"style_studio": tag_frequency(json.loads(info.get("captions") or "[]"))}),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION.get(family, "diffusers"),
         "modelspec.title": name,
         "modelspec.date": info.get("created", ""),
+        "modelspec.resolution": f"{width}x{height}" if width else "",
+        "modelspec.trigger_phrase": info.get("trigger", ""),
     }
+    if v_prediction is not None:
+        metadata["ss_v_parameterization"] = str(v_prediction)
+        metadata["modelspec.prediction_type"] = "v" if v_prediction else "epsilon"
+    return {key: value for key, value in metadata.items() if value != ""}
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """How many captions hold each tag: a caption's comma-separated parts, stripped and lower-cased, as
+    sd-scripts counts them for `ss_tag_frequency`."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in (part.strip().lower() for part in str(caption or "").split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def _v_prediction(family: str, info: dict[str, str]) -> bool | None:
+    """Whether the style's base predicts v. Styles record it; for older ones SD 1.x and SDXL are epsilon,
+    and an SD 2.x base is v at 768 px (2.x-768-v) and epsilon at 512 (2.x-base), as SD 2 was released."""
+    if info.get("prediction_type"):
+        return info["prediction_type"] == "v_prediction"
+    if family == "sd2":
+        side = (info.get("resolution") or "").partition("x")[0]
+        return int(side) >= 768 if side.isdigit() else None
+    return False if family in ("sd1", "sdxl") else None
+
+
+def _epoch(iso_time: str) -> str:
+    """An ISO time as epoch seconds, as sd-scripts writes times (time.time()); "" when there is none."""
+    try:
+        return f"{datetime.fromisoformat(iso_time).timestamp():.6f}" if iso_time else ""
+    except ValueError:
+        return ""
 
 
 def is_kohya(keys) -> bool:

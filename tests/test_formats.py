@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -241,3 +243,62 @@ def test_a_damaged_file_in_the_library_is_refused_by_the_blender_with_the_reason
     formats.write_atomic(style, {**tensors, key: torch.full_like(tensors[key], float("inf"))}, metadata)
     with pytest.raises(ValueError, match="NaN or infinite"):
         Blender(base, library).apply({"ink": 1.0})
+
+
+# What sd-scripts' train_network.py writes for a UNet-only LoRA (its metadata keys, value formats as it makes them:
+# times from time.time(), modelspec from library/sai_model_spec.py, tags from set_tag_frequency). Built here from
+# that published key list, not downloaded: the shape our export must match for A1111 and ComfyUI to read it alike.
+SD_SCRIPTS_SD15_LORA = {
+    "ss_network_module": "networks.lora", "ss_network_dim": "16", "ss_network_alpha": "8", "ss_v2": "False",
+    "ss_v_parameterization": "False", "ss_base_model_version": "sd_v1", "ss_resolution": "(512, 512)",
+    "ss_training_started_at": "1700000000.123456", "ss_training_finished_at": "1700000900.654321",
+    "ss_tag_frequency": json.dumps({"10_ink": {"a red circle": 3, "ink": 10}}),
+    "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-v1/lora",
+    "modelspec.implementation": "diffusers", "modelspec.resolution": "512x512", "modelspec.prediction_type": "epsilon",
+}
+SD_SCRIPTS_ARCHITECTURES = {"stable-diffusion-v1/lora", "stable-diffusion-v2-512/lora",
+                            "stable-diffusion-v2-768-v/lora", "stable-diffusion-xl-v1-base/lora"}
+
+
+def test_the_kohya_export_writes_metadata_as_sd_scripts_does(library, tmp_path):
+    """Issue 19: epoch times, a valid model-spec architecture, v-prediction flags, and ss_tag_frequency from the
+    captions, so AUTOMATIC1111 lists the trigger word among the training tags."""
+    import time
+
+    started = time.time()
+    style = train_style(library, "ink", seed=3, steps=2, trigger="inkk").path
+    metadata, _ = read_safetensors_header(kohya_file(style, tmp_path))
+    for key, reference in SD_SCRIPTS_SD15_LORA.items():
+        assert key in metadata, key
+        if key.endswith("_at"):
+            assert started - 5 <= float(metadata[key]) <= time.time() and float(reference)  # epoch seconds, both
+    assert metadata["modelspec.architecture"] in SD_SCRIPTS_ARCHITECTURES
+    assert metadata["modelspec.implementation"] == "diffusers" and metadata["modelspec.prediction_type"] == "epsilon"
+    assert metadata["ss_v2"] == metadata["ss_v_parameterization"] == "False"
+    assert metadata["ss_resolution"] == "(64, 64)" and metadata["modelspec.resolution"] == "64x64"
+    (tags,) = json.loads(metadata["ss_tag_frequency"]).values()  # {dataset: {tag: images holding it}}
+    assert sum(count for tag, count in tags.items() if "inkk" in tag) == 3  # each image's caption holds the trigger
+    assert metadata["modelspec.trigger_phrase"] == "inkk"
+
+
+def test_tag_frequency_counts_comma_separated_tags_as_sd_scripts_does():
+    from styles import kohya
+
+    captions = ["a red circle, Inkk", "a blue star,inkk, ", "inkk", None]
+    assert kohya.tag_frequency(captions) == {"a red circle": 1, "inkk": 3, "a blue star": 1}
+
+
+@pytest.mark.parametrize("family, info, architecture, v", [
+    ("sd2", {"prediction_type": "v_prediction"}, "stable-diffusion-v2-768-v/lora", "True"),
+    ("sd2", {"prediction_type": "epsilon"}, "stable-diffusion-v2-512/lora", "False"),
+    ("sd2", {"resolution": "768x768"}, "stable-diffusion-v2-768-v/lora", "True"),  # an older style: by its size
+    ("sdxl", {}, "stable-diffusion-xl-v1-base/lora", "False"),
+])
+def test_model_spec_architecture_and_v_flags_follow_sd_scripts(family, info, architecture, v):
+    from styles import kohya
+
+    metadata = kohya.training_metadata(family, "x", 4, 4.0, info, {})
+    assert metadata["modelspec.architecture"] == architecture and metadata["ss_v_parameterization"] == v
+    assert metadata["modelspec.prediction_type"] == ("v" if v == "True" else "epsilon")
+    assert metadata["modelspec.implementation"] == (
+        "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers")

@@ -179,7 +179,10 @@ def train(
             forward = torch.compile(forward)  # compiles on the first step; the unwrapped unet keeps the weights
         elif cfg.cuda_graphs and device.type == "cuda" and accelerator.num_processes == 1:
             forward = GraphedForward(forward)  # captured at the first step (DDP's collectives would need more care)
+        width, height = images.images[0].size
         style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash,
+                      "prediction_type": base.prediction_type, "resolution": f"{width}x{height}",
+                      "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
                       "num_images": str(len(images)), "processes": str(accelerator.num_processes),
                       "captions": json.dumps(captions)}  # what each image was trained with, trigger word included
 
