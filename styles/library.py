@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.files import read_safetensors_header, write_bytes_atomic
-from core.names import STYLE_NAME_PATTERN, check_style_name
+from core.names import STYLE_NAME_PATTERN, brief, check_style_name
 from styles.metadata import style_info
 
 STYLE_SUFFIX = ".safetensors"
@@ -98,8 +98,9 @@ class StyleLibrary:
             if path.name.startswith("."):  # hidden: not a style, e.g. an editor's or a sync tool's file
                 continue
             if not STYLE_NAME_PATTERN.match(path.stem):
-                problems.append(Unreadable(_cut(path.stem), _cut(path.name),
-                                           f"{_cut(path.name)}: its name is not a style name (1-64 letters, digits, "
+                shown = brief(path.name, quote=False)  # a hand-made or hostile name is cut short
+                problems.append(Unreadable(brief(path.stem, quote=False), shown,
+                                           f"{shown}: its name is not a style name (1-64 letters, digits, "
                                            "'-' or '_'): rename the file to use it."))
                 continue
             try:
@@ -171,11 +172,6 @@ class StyleLibrary:
             self.get(name)  # raises the "No style named" message, with the styles there are
         path.unlink()
         path.with_suffix(THUMB_SUFFIX).unlink(missing_ok=True)
-
-
-def _cut(text: str, limit: int = 40) -> str:
-    """A file name as a message shows it: a hand-made or hostile one is cut short."""
-    return text[:limit] + ("…" if len(text) > limit else "")
 
 
 def _number(text: str | None, kind: type):
