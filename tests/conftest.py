@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import shutil
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from styles.library import THUMB_SUFFIX
 
 
 def pattern_image(seed: int, size: int = 64) -> Image.Image:
@@ -84,3 +87,12 @@ def save_style(library, finished, overwrite: bool = False):
     """Save the style a Finished event hands back, as the job runner and the CLI do; return its path."""
     return library.save(finished.style_name, finished.adapter.to_bytes(), thumbnail=finished.thumbnail,
                         overwrite=overwrite)
+
+
+def copy_styles(source, target, *names: str, thumbnails: bool = False) -> None:
+    """Copy styles trained once for a module (`source`, a StyleLibrary) into a test's own library `target`: every
+    style, or `names`; with `thumbnails`, their pictures too (the Styles tab shows them)."""
+    for name in names or source.names():
+        shutil.copy(source.path_for(name), target.path_for(name))
+        if thumbnails:
+            shutil.copy(source.get(name).thumbnail, target.path_for(name).with_suffix(THUMB_SUFFIX))

@@ -20,8 +20,8 @@ from PIL import Image
 from app import handlers
 from app.layout import build_ui
 from app.studio import Studio
-from styles.library import THUMB_SUFFIX, StyleLibrary
-from tests.conftest import pattern_image, train_style
+from styles.library import StyleLibrary
+from tests.conftest import copy_styles, pattern_image, train_style
 from tests.running_app import start_app, stop_app
 
 JOB_TIMEOUT_S = 240
@@ -67,9 +67,7 @@ def styles_made(tmp_path_factory):
 
 
 def _add(studio: Studio, made, *names: str) -> None:
-    for name in names:
-        shutil.copy(made.path_for(name), studio.library.path_for(name))
-        shutil.copy(made.get(name).thumbnail, studio.library.path_for(name).with_suffix(THUMB_SUFFIX))
+    copy_styles(made, studio.library, *names, thumbnails=True)
 
 
 def _png(image: Image.Image) -> bytes:

@@ -24,7 +24,7 @@ from styles.blend import Blender, _blended_weight
 from styles.generation import GenerationCancelled, GenerationLine, Ticket
 from styles.library import StyleLibrary
 from styles.metadata import lora_config
-from tests.conftest import pattern_image, save_style, train_style
+from tests.conftest import copy_styles, pattern_image, save_style, train_style
 
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
 
@@ -40,8 +40,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def blender(library, base, trained):
-    for name in trained.names():
-        shutil.copy(trained.path_for(name), library.path_for(name))
+    copy_styles(trained, library)
     return Blender(base, library)
 
 
@@ -224,8 +223,7 @@ def test_after_many_slider_moves_all_zero_is_the_base_bit_for_bit(library, train
     from models.base import load_base
 
     base = load_base(precision=precision)
-    for name in trained.names():
-        shutil.copy(trained.path_for(name), library.path_for(name))
+    copy_styles(trained, library)
     blender, base_weights = Blender(base, library), _base_weights(base.pipe.unet)
     base_image = _image(blender, {})
     rng = random.Random(0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 from styles.blend import Blender, save_png
 from styles.grid import MAX_CELLS, MIN_CELL_SIDE, PAD, compose, draw_grid, numbers
 from styles.library import StyleLibrary
-from tests.conftest import train_style
+from tests.conftest import copy_styles, train_style
 
 COLOURS = [(200, 30, 30), (30, 160, 60), (40, 60, 200), (220, 200, 40), (140, 40, 160), (30, 180, 190)]
 
@@ -94,8 +93,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def blender(library, base, trained):
-    for name in trained.names():
-        shutil.copy(trained.path_for(name), library.path_for(name))
+    copy_styles(trained, library)
     return Blender(base, library)
 
 
