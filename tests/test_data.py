@@ -1,4 +1,6 @@
-"""Ingest: every odd image kind becomes a clean RGB square; unusable and hostile files are named with a reason."""
+"""Ingest: every odd image kind becomes a clean, whole RGB picture; unusable and hostile files are named with a reason.
+
+(Aspect-ratio buckets and the square crop of training are tested in tests/test_buckets.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from tests.conftest import pattern_image, png_bytes
-from trainer.data import UploadLimits, ingest, read_capped
+from trainer.data import UploadLimits, ingest, read_capped, square_crop
 
 RES = 32
 
@@ -68,7 +70,7 @@ def _exif_rotated():
     return png_bytes(image, format="JPEG", exif=exif.tobytes(), quality=100)
 
 
-# name, bytes, (row, col) of a probe pixel in the RES x RES result, expected RGB there
+# name, bytes, (row, col) of a probe pixel in the RES x RES centre square of the result, expected RGB there
 CASES = [
     ("alpha.png", _rgba_transparent, (2, 16), (255, 255, 255)),
     ("alpha.png", _rgba_transparent, (29, 16), (255, 0, 0)),
@@ -89,15 +91,16 @@ CASES = [
 def test_odd_images_are_normalised(tmp_path, name, make, probe, expected):
     result = ingest(_write(tmp_path, name, make()), resolution=RES)
     image = result.images[0]
-    assert image.mode == "RGB" and image.size == (RES, RES)
-    assert np.abs(np.asarray(image)[probe].astype(int) - expected).max() <= 6
+    assert image.mode == "RGB" and min(image.size) == RES  # whole, scaled down to the resolution on its short side
+    assert np.abs(np.asarray(square_crop(image, RES))[probe].astype(int) - expected).max() <= 6
 
 
 def test_centre_crop_keeps_the_middle(tmp_path):
     image = Image.new("RGB", (120, 40), (0, 0, 0))
     image.paste((0, 255, 0), (40, 0, 80, 40))  # green middle third
     result = ingest(_write(tmp_path, "wide.png", png_bytes(image)), resolution=RES)
-    assert (np.asarray(result.images[0])[:, 4:28] == (0, 255, 0)).all()
+    assert result.images[0].size == (3 * RES, RES) and result.original_sizes == [(120, 40)]  # ingest keeps it whole
+    assert (np.asarray(square_crop(result.images[0], RES))[:, 4:28] == (0, 255, 0)).all()
 
 
 def test_no_usable_image_is_a_clear_error(tmp_path):

@@ -63,6 +63,11 @@ class TrainConfig:
     resolution: int = _field(
         0, "Training resolution in pixels; 0 uses the base model's native size.", minimum=0, maximum=2048, step=8
     )
+    bucketing: bool = _field(
+        True, "Aspect-ratio buckets: each picture trains whole at the size nearest its shape (1:2 to 2:1, about "
+        "resolution x resolution pixels), so portraits and landscapes keep their edges; off: the centre square.",
+        choices=BOOLEANS,
+    )
     caption_dropout: float = _field(
         0.1, "Share of steps trained with an empty caption, so the style also holds without its prompt words.",
         minimum=0.0, maximum=1.0,

@@ -1,9 +1,13 @@
 """Ingest an image set: files, zips or folders -> validated, normalised RGB images with captions.
 
-Every image becomes a square RGB picture at the training resolution: EXIF orientation applied,
-transparency composited on white, palette / grayscale / 16-bit / CMYK converted, the first frame
-of an animation taken. A file that cannot be used is reported by name with the reason, and the
-rest of the set still trains.
+Every image becomes an RGB picture, whole and scaled down to what training at its resolution can
+use (`fit`): EXIF orientation applied, transparency composited on white, palette / grayscale /
+16-bit / CMYK converted, the first frame of an animation taken. A file that cannot be used is
+reported by name with the reason, and the rest of the set still trains.
+
+Training then gives each picture its shape (`prepare`): the aspect-ratio bucket nearest its own
+(issue 19), so a portrait or a landscape keeps its whole picture, or with bucketing off the centre
+square. Nothing here imports torch: a UI can show each image's bucket (`bucket_of`).
 
 Uploads come from strangers, so nothing is trusted: every file and zip member is size-checked
 from what it declares before a byte is read, read through a hard cap, decoded only after its
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import struct
 import zipfile
 import zlib
@@ -29,6 +34,8 @@ CAPTION_SUFFIX = ".txt"
 ARCHIVE_SUFFIX = ".zip"
 MIN_SIDE = 16  # pixels; anything smaller carries no usable style information
 MIN_IMAGES = 1
+MAX_ASPECT = 2.0  # buckets run from 1:2 to 2:1; a picture beyond that is cropped to the nearest end
+FIT_LONG_SIDE = 4  # ingest keeps a long side of at most this many times the resolution (bounds a strip's memory)
 MB = 1024 * 1024
 # The formats read, as Pillow names them. Others (EPS runs Ghostscript, for one) are refused unread.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -59,13 +66,18 @@ class UploadLimits:
 
 @dataclass
 class ImageSet:
-    images: list[Image.Image] = field(default_factory=list)  # RGB, resolution x resolution
+    images: list[Image.Image] = field(default_factory=list)  # RGB, whole: at most resolution on the short side (fit)
     captions: list[str | None] = field(default_factory=list)  # None: use the caption template
     names: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    # (width, height) of each picture as it was uploaded, before fit; empty: the images' own sizes
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def original_size(self, index: int) -> tuple[int, int]:
+        return self.original_sizes[index] if index < len(self.original_sizes) else self.images[index].size
 
     def skipped_lines(self) -> list[str]:
         return [f"{name}: {reason}" for name, reason in self.skipped]
@@ -120,12 +132,13 @@ def ingest(sources, resolution: int, min_images: int = MIN_IMAGES, limits: Uploa
                     result.skipped.append((entry.name, caption_errors[entry.name]))
                 continue
             try:
-                image = square_crop(normalise(_read(entry), limits.max_pixels), resolution)
+                image = normalise(_read(entry), limits.max_pixels)
             except ValueError as err:
                 result.skipped.append((entry.name, str(err)))
                 continue
             caption = captions.get(_stem(entry.name))
-            result.images.append(image)
+            result.original_sizes.append(image.size)
+            result.images.append(fit(image, resolution))
             result.captions.append(_decode_caption(caption) if caption is not None else None)
             result.names.append(entry.name)
     if len(result) < min_images:
@@ -174,6 +187,21 @@ def normalise(data: bytes, max_pixels: int = UploadLimits.max_pixels) -> Image.I
     return _to_rgb(image)
 
 
+def fit(image: Image.Image, resolution: int) -> Image.Image:
+    """The whole picture, scaled down (never up) until its short side is at most `resolution` and its long
+    side at most FIT_LONG_SIDE times that.
+
+    That is all a square crop or an aspect bucket at `resolution` uses (a bucket's short side is at most
+    about `resolution`), and it bounds what a set holds in memory: a 24-megapixel photo is kept at 768x512
+    for 512 px training. A fitted picture fits again as it is, so a job's saved images re-ingest unchanged.
+    """
+    scale = min(1.0, resolution / min(image.size), FIT_LONG_SIDE * resolution / max(image.size))
+    if scale == 1.0:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
 def square_crop(image: Image.Image, resolution: int) -> Image.Image:
     """The centre square, resized to `resolution` x `resolution`.
 
@@ -183,6 +211,103 @@ def square_crop(image: Image.Image, resolution: int) -> Image.Image:
     side = min(image.size)
     left, top = (image.width - side) / 2, (image.height - side) / 2
     return image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
+
+
+# -- aspect-ratio buckets (issue 19) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One training picture as the UNet sees it, and what SDXL's size conditioning says about it."""
+
+    image: Image.Image  # at its bucket's size (the target size), or the square's with bucketing off
+    original_size: tuple[int, int]  # (width, height) of the picture before it was resized
+    crop_top_left: tuple[int, int]  # (top, left) of the crop, in the pixels of the picture resized to cover
+
+
+def bucket_step(resolution: int, multiple: int) -> int:
+    """The pixel step between bucket sides: an eighth of the resolution, at most 64 px (kohya's and SDXL's
+    step at 512-1024 px), rounded up to `multiple`, the step the UNet needs (see `size_multiple`).
+
+    An eighth keeps the same handful of shapes at every scale: the embedded model (64 px, UNet multiple
+    16) gets buckets 16 px apart rather than one 64 px square.
+    >>> bucket_step(512, 64), bucket_step(1024, 32), bucket_step(64, 16)
+    (64, 64, 16)
+    """
+    return multiple * math.ceil(min(64, max(1, resolution // 8)) / multiple)
+
+
+def bucket_sizes(resolution: int, step: int, max_aspect: float = MAX_ASPECT) -> list[tuple[int, int]]:
+    """The (width, height) buckets for training at `resolution`, from the tallest to the widest.
+
+    Aspect ratio bucketing as NovelAI described it and kohya's sd-scripts builds it (BucketManager,
+    make_bucket_resolutions in library/train_util.py): sides are multiples of `step`; each width gets
+    the height whose pixel count is nearest resolution² (sd-scripts takes the largest below it; nearest
+    gives a coarse grid such as the embedded model's its 2:1 shapes, at most half a step of rows over),
+    kept within 1:max_aspect..max_aspect:1, every shape also turned on its side, and the square nearest
+    `resolution` always among them.
+    >>> bucket_sizes(64, 16)
+    [(48, 96), (48, 80), (64, 64), (80, 48), (96, 48)]
+    """
+    side = max(step, round(resolution / step) * step)
+    area, found = resolution * resolution, {(side, side)}
+    for width in range(step, int(resolution * max_aspect) + step, step):
+        height = max(step, round(area / width / step) * step)
+        if 1 / max_aspect <= width / height <= max_aspect:
+            found |= {(width, height), (height, width)}
+    return sorted(found, key=lambda size: (size[0] / size[1], size))
+
+
+def bucket_of(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the picture's `size` (width, height), compared as log
+    ratios so that 1:2 and 2:1 are as far from square; a tie goes to the taller bucket.
+
+    >>> bucket_of((600, 400), bucket_sizes(512, 64))
+    (640, 384)
+    """
+    aspect = math.log(size[0] / size[1])
+    return min(buckets, key=lambda bucket: abs(math.log(bucket[0] / bucket[1]) - aspect))
+
+
+def cover_crop(image: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """`image` resized (aspect kept) to cover `bucket`, centre-cropped by what sticks out, and the crop's
+    top-left corner (top, left) in the resized picture's pixels (as sd-scripts records it for SDXL).
+
+    Only one side is cropped, by the remainder of the aspect ratios. One resize with a `box` does both,
+    so memory stays at the bucket's size.
+    """
+    width, height = bucket
+    scale = max(width / image.width, height / image.height)
+    covered = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    left, top = (covered[0] - width) // 2, (covered[1] - height) // 2
+    right, bottom = min(image.width, (left + width) / scale), min(image.height, (top + height) / scale)  # float-safe
+    box = (left / scale, top / scale, right, bottom)  # the bucket's region of the source picture
+    return image.resize(bucket, Image.Resampling.LANCZOS, box=box), (top, left)
+
+
+def prepare(images: ImageSet, resolution: int, buckets: list[tuple[int, int]] | None) -> list[Prepared]:
+    """Every picture of `images` at the size it trains at: its nearest bucket of `buckets`, or with
+    `buckets` None (bucketing off) the centre square as before buckets.
+
+    The square is told to SDXL as before too: a whole picture of the training size, uncropped (the
+    conditioning the pipeline generates with), so a run with bucketing off trains as it did.
+    >>> [p.image.size for p in prepare(ingest("photos/", 64), 64, bucket_sizes(64, 16))]  # doctest: +SKIP
+    [(80, 48), (64, 64), (48, 80)]
+    """
+    if buckets is None:
+        return [Prepared(square_crop(image, resolution), (resolution, resolution), (0, 0)) for image in images.images]
+    prepared = []
+    for index, image in enumerate(images.images):
+        picture, corner = cover_crop(image, bucket_of(image.size, buckets))
+        prepared.append(Prepared(picture, images.original_size(index), corner))
+    return prepared
+
+
+def size_multiple(pipe) -> int:
+    """What every side of a training picture must be a multiple of: the VAE's downscale times the UNet's
+    (it halves the latents at every down block but the last). 64 for SD 1.x/2.x, 32 for SDXL, 16 for
+    the embedded model."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
 
 
 def read_capped(stream: BinaryIO, cap: int) -> bytes:

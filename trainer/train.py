@@ -6,6 +6,8 @@ LoRA layers from peft go on the UNet's attention projections, and AdamW minimise
 between the UNet's prediction and the noise (or the velocity, for v-prediction models).
 SDXL's UNet takes more conditioning than the text embeddings (a pooled text embedding and the
 image-size ids); `Conditioning` carries it, so the loop reads the same for every family.
+Pictures train whole in aspect-ratio buckets (issue 19, trainer/data.py): a batch holds one bucket's
+pictures, and the latents are cached per bucket.
 
 Lighter and faster than that example on a GPU (issue 5; `python -m bench.train_speed` measures
 both): frozen weights in bf16/fp16 with fp32 LoRA weights and no autocast (base.py), no VAE or
@@ -41,7 +43,7 @@ from models.base import Base, BaseInUse
 from styles.formats import StyleAdapter
 from trainer.checkpoints import CheckpointDir, TrainingState
 from trainer.config import TrainConfig
-from trainer.data import ImageSet
+from trainer.data import ImageSet, Prepared, bucket_sizes, bucket_step, prepare, size_multiple, square_crop
 from trainer.events import Cancelled, Checkpoint, Event, Failed, Finished, Sample, Started, Step, Validation
 from trainer.graphs import GraphedForward, UNetForward
 from trainer.pace import Pace
@@ -104,11 +106,15 @@ def train(
         yield Started(cfg.steps, len(images), images.skipped_lines(), first_step, losses[:], notes + caption_notes,
                       captions, images.names)
 
-        # 2. Cache what the frozen parts compute: latent distributions and caption embeddings.
-        latent_mean, latent_std = encode_images(pipe, images.images)
-        sizes = [image.size for image in images.images]
-        conditioning = encode_conditioning(pipe, captions, sizes)
-        empty = encode_conditioning(pipe, [""], sizes[:1])  # for caption dropout: the classifier-free guidance branch
+        # 2. Each picture at its training size: its aspect-ratio bucket, or the centre square (issue 19).
+        resolution = cfg.resolution or base.resolution
+        buckets = bucket_sizes(resolution, bucket_step(resolution, size_multiple(pipe))) if cfg.bucketing else None
+        prepared = prepare(images, resolution, buckets)
+        # Cache what the frozen parts compute: latent distributions (per bucket, as a batch holds one size)
+        # and caption embeddings, with SDXL's size ids from each picture's original size and crop.
+        cached = cache_buckets(pipe, prepared)
+        conditioning = encode_conditioning(pipe, captions, *size_conditioning(prepared))
+        empty = encode_conditioning(pipe, [""], [prepared[0].image.size])  # caption dropout: the unconditional branch
         sample_prompts = [captions[i % len(captions)] for i in range(cfg.num_samples)]  # fixed prompts and seeds
 
         # A validation set of new content, scored against the base model's own pictures of it (issue 17).
@@ -128,8 +134,9 @@ def train(
         validator = None
         if cfg.validation_prompts and accelerator.is_main_process:
             with contextlib.suppress(StopAsked):  # stopped already: the loop below cancels at once
+                # Scored against the squares the pipeline draws: the centre squares of the training pictures.
                 validator = Validator.start(draw, base.model_id, cfg.validation_prompts, captions, cfg.trigger_word,
-                                            images.images)
+                                            [square_crop(image, resolution) for image in images.images])
             if validator and state:
                 validator.restore(state.scores, state.best_step, state.best_adapter)
 
@@ -178,10 +185,12 @@ def train(
         if cfg.compile:
             forward = torch.compile(forward)  # compiles on the first step; the unwrapped unet keeps the weights
         elif cfg.cuda_graphs and device.type == "cuda" and accelerator.num_processes == 1:
-            forward = GraphedForward(forward)  # captured at the first step (DDP's collectives would need more care)
-        width, height = images.images[0].size
+            # Captured at a bucket's first step (DDP's collectives would need more care). A graph replays the
+            # shapes it was captured with, so each bucket gets its own, around a UNetForward of its own: the
+            # capture replaces its module's forward with the graph's replay.
+            forward = PerShape(lambda: GraphedForward(UNetForward(model)))
         style_info = {"base_model": base.model_id, "family": base.family, "unet_hash": base.unet_hash,
-                      "prediction_type": base.prediction_type, "resolution": f"{width}x{height}",
+                      "prediction_type": base.prediction_type, "resolution": f"{resolution}x{resolution}",
                       "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
                       "num_images": str(len(images)), "processes": str(accelerator.num_processes),
                       "captions": json.dumps(captions)}  # what each image was trained with, trigger word included
@@ -228,10 +237,11 @@ def train(
                 yield Cancelled(done, saved.path if saved else (str(state.path) if state else None))
                 return
             step_started = time.perf_counter()
-            batch = torch.randint(len(images), (cfg.batch_size,), generator=generator)
+            bucket, pick = draw_batch(cached, cfg.batch_size, generator)  # one bucket's images: one size
+            batch = bucket.indices[pick]
             # Sample the latents from the cached distribution, as encoding every step would.
-            eps = torch.randn(latent_mean[batch].shape, generator=generator)
-            latents = (latent_mean[batch] + latent_std[batch] * eps) * pipe.vae.config.scaling_factor
+            mean, std = bucket.mean[pick], bucket.std[pick]
+            latents = (mean + std * torch.randn(mean.shape, generator=generator)) * pipe.vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(
                 noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator
@@ -494,9 +504,66 @@ def diffusion_loss(forward, noise_scheduler, latents, cond, noise, timesteps, dt
     return (per_sample * weights).mean()
 
 
+@dataclass
+class Bucket:
+    """The training pictures of one size: their places in the set and their cached latent distributions."""
+
+    indices: torch.Tensor  # (k,) indices into the image set (its captions, its conditioning)
+    mean: torch.Tensor  # (k, channels, height / f, width / f)
+    std: torch.Tensor
+
+
+def cache_buckets(pipe, prepared: list[Prepared]) -> list[Bucket]:
+    """The pictures grouped by size (smallest width first), each group VAE-encoded once.
+
+    A latent tensor stacks one size only, so each bucket caches its own; with one size (bucketing off,
+    or a set of one shape) the single bucket holds every image in order, as the cache did before buckets.
+    """
+    buckets = []
+    for size in sorted({p.image.size for p in prepared}):
+        indices = [i for i, p in enumerate(prepared) if p.image.size == size]
+        mean, std = encode_images(pipe, [prepared[i].image for i in indices])
+        buckets.append(Bucket(torch.tensor(indices), mean, std))
+    return buckets
+
+
+def draw_batch(buckets: list[Bucket], batch_size: int, generator: torch.Generator) -> tuple[Bucket, torch.Tensor]:
+    """A bucket and `batch_size` places in it, drawn with replacement: a batch never mixes sizes.
+
+    The bucket is the one of an image drawn from the whole set, so each image is drawn as often as
+    without buckets (1 / n per sample). A bucket with fewer images than the batch repeats some, each
+    with its own noise, timestep and latent sample, rather than training a smaller batch: every step's
+    loss stays a mean over `batch_size` draws (as steady as the others), and a lone portrait weighs a
+    sample's share of its step, not the whole step. With one bucket nothing extra is drawn, so the
+    random stream (and a run with bucketing off) is the one from before buckets. All draws come from
+    `generator`, whose state each checkpoint keeps: a resumed run draws the same batches.
+    """
+    bucket = buckets[0]
+    if len(buckets) > 1:
+        ends = torch.tensor([len(b.indices) for b in buckets]).cumsum(0)  # bucket b holds images ends[b-1]..ends[b]-1
+        anchor = torch.randint(int(ends[-1]), (1,), generator=generator)
+        bucket = buckets[int(torch.searchsorted(ends, anchor, right=True))]
+    return bucket, torch.randint(len(bucket.indices), (batch_size,), generator=generator)
+
+
+class PerShape:
+    """A forward per input shape, each made by `make()` at its shape's first call: a CUDA graph replays only
+    the shapes it was captured with, and each bucket has its own. Each captured graph keeps its own memory
+    pool; where a capture finds too little memory, GraphedForward runs that bucket eagerly."""
+
+    def __init__(self, make):
+        self.make, self.forwards = make, {}
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        shapes = tuple(tuple(a.shape) for a in args)
+        if shapes not in self.forwards:
+            self.forwards[shapes] = self.make()
+        return self.forwards[shapes](*args)
+
+
 @torch.no_grad()
 def encode_images(pipe, images) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the VAE's latent distribution for each image (on the CPU)."""
+    """Mean and std of the VAE's latent distribution for each image, all of one size (on the CPU)."""
     vae = pipe.vae
     # SDXL's VAE overflows in fp16 (its config says force_upcast): encode in fp32, as diffusers' SDXL
     # LoRA script does. nn.Module.to, because diffusers 0.42's ModelMixin.to logs a warning on every
@@ -518,12 +585,20 @@ def encode_images(pipe, images) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(means), torch.cat(stds)
 
 
-def encode_conditioning(pipe, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
-    """The UNet's conditioning for each prompt, with `sizes[i]` (width, height) the size of image i (on the CPU)."""
+def encode_conditioning(pipe, prompts: list[str], sizes: list[tuple[int, int]],
+                        originals: list[tuple[int, int]] | None = None,
+                        crops: list[tuple[int, int]] | None = None) -> Conditioning:
+    """The UNet's conditioning for each prompt (on the CPU); for SDXL, image i's size ids from `sizes[i]`
+    (width, height, as trained), `originals[i]` (width, height, before resizing) and `crops[i]` (top, left)."""
     if pipe.unet.config.get("addition_embed_type") != "text_time":
         return Conditioning(encode_prompts(pipe, prompts))
     text, pooled = encode_sdxl_prompts(pipe, prompts)
-    return Conditioning(text, pooled, sdxl_time_ids(sizes))
+    return Conditioning(text, pooled, sdxl_time_ids(sizes, originals, crops))
+
+
+def size_conditioning(prepared: list[Prepared]) -> tuple[list, list, list]:
+    """encode_conditioning's `sizes`, `originals` and `crops` of the prepared pictures."""
+    return [p.image.size for p in prepared], [p.original_size for p in prepared], [p.crop_top_left for p in prepared]
 
 
 @torch.no_grad()
@@ -544,14 +619,21 @@ def encode_sdxl_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.T
     return text.float().cpu(), pooled.float().cpu()
 
 
-def sdxl_time_ids(sizes: list[tuple[int, int]]) -> torch.Tensor:
+def sdxl_time_ids(sizes: list[tuple[int, int]], originals: list[tuple[int, int]] | None = None,
+                  crops: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """SDXL's size ids per image, (original height, width, crop top, left, target height, width).
 
-    Our images arrive already cropped to the training size (trainer/data.py), so original = target
-    and crop = (0, 0): also what the pipeline passes when it generates at that size, so the style
-    is learned under the conditioning it is used with.
+    SDXL's micro-conditioning (Podell et al. 2023, section 2.2): the size a picture had before it was
+    resized, where its crop began (in the resized picture, as sd-scripts records it) and the size it
+    trains at (its bucket), so the model learns what a small or cropped source looks like and generates
+    whole, sharp pictures when asked with crop (0, 0) and a large original. Without `originals` and
+    `crops`, a picture is whole at its trained size: original = target, crop (0, 0).
     """
-    return torch.tensor([[height, width, 0, 0, height, width] for width, height in sizes], dtype=torch.float32)
+    originals = originals or sizes
+    crops = crops or [(0, 0)] * len(sizes)
+    return torch.tensor([[oh, ow, top, left, height, width]
+                         for (width, height), (ow, oh), (top, left) in zip(sizes, originals, crops, strict=True)],
+                        dtype=torch.float32)
 
 
 @torch.no_grad()
