@@ -297,13 +297,13 @@ class Studio:
             tensors, metadata = formats.to_kohya(source, self.base.layout.layers_per_block)
             formats.write_atomic(target, tensors, metadata)
         else:
-            write_bytes_atomic(target, source.read_bytes())
+            write_bytes_atomic(target, formats.to_diffusers(source, self.base.layout))
         return target
 
     def import_style(self, path: str | Path, name: str = "") -> tuple[str, list[str]]:
-        """Import a LoRA made elsewhere (diffusers, PEFT or kohya .safetensors) as a style.
+        """Import an adapter made elsewhere (any layout and kind formats.read_adapter reads) as a style.
 
-        Returns (style name, notes on what was left out). The name defaults to the file's stem,
+        Returns (style name, notes on what it holds and what was assumed). The name defaults to the file's stem,
         made safe; an existing style is never replaced.
         """
         path = Path(path)

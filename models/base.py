@@ -53,25 +53,40 @@ def choose_device_dtype(precision: str = "auto") -> tuple[torch.device, torch.dt
     return device, dtypes[precision]
 
 
-@dataclass
-class UnetLayout:
-    """What an adapter must match: the base UNet's attention projections and all its module paths."""
+# The pipeline parts an adapter file may change, by the prefix diffusers gives their LoRA keys.
+ADAPTED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
-    projections: dict[str, tuple[int, int]]  # diffusers module path -> (out features, in features)
-    modules: set[str]
-    layers_per_block: int
+
+@dataclass
+class Layout:
+    """What an adapter file must fit: every Linear and Conv2d weight of the UNet and the text encoder(s).
+
+    Keyed as diffusers prefixes LoRA keys: "unet.<module path>", "text_encoder.<...>", "text_encoder_2.<...>".
+    """
+
+    shapes: dict[str, tuple[int, ...]]  # layer -> its weight's shape
+    biased: set[str]  # the layers that have a bias
+    layers_per_block: int  # the UNet's, to spell its modules with the original (SGM) block numbers
 
     @classmethod
-    def of(cls, unet: torch.nn.Module) -> UnetLayout:
-        projections, modules = {}, set()
-        for name, module in unet.named_modules():
-            if not name:
+    def of(cls, pipe) -> Layout:
+        shapes, biased = {}, set()
+        for component in ADAPTED_COMPONENTS:
+            model = getattr(pipe, component, None)
+            if model is None:
                 continue
-            modules.add(name)
-            if name.endswith(tuple("." + p for p in ATTENTION_PROJECTIONS)) and hasattr(module, "in_features"):
-                projections[name] = (module.out_features, module.in_features)
-        layers = unet.config.layers_per_block
-        return cls(projections, modules, layers if isinstance(layers, int) else layers[0])
+            for name, module in model.named_modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    shapes[f"{component}.{name}"] = tuple(module.weight.shape)
+                    if module.bias is not None:
+                        biased.add(f"{component}.{name}")
+        layers = pipe.unet.config.layers_per_block
+        return cls(shapes, biased, layers if isinstance(layers, int) else layers[0])
+
+    def projections(self) -> list[str]:
+        """The UNet's attention projections (what our own training adapts), as "unet.<path>"."""
+        ends = tuple("." + p for p in ATTENTION_PROJECTIONS)
+        return [name for name in self.shapes if name.startswith("unet.") and name.endswith(ends)]
 
 
 class BaseInUse(RuntimeError):
@@ -96,7 +111,7 @@ class Base:
     prediction_type: str  # what the UNet predicts: "epsilon" (the noise) or "v_prediction"
     resolution: int  # native image size in pixels
     unet_hash: str  # sha256 over the UNet's weights, to tell models apart (styles record it)
-    layout: UnetLayout  # what an adapter file must fit
+    layout: Layout  # what an adapter file must fit
     # (who changes the pipeline now, its description)
     _user: tuple[object, str] | None = field(default=None, repr=False)
     _claims: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -124,7 +139,7 @@ class Base:
             prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
             resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
             unet_hash=unet_hash(pipe.unet),  # before the move: hashing reads every weight on the CPU
-            layout=UnetLayout.of(pipe.unet),
+            layout=Layout.of(pipe),
         )
         pipe.to(device)
         return base

@@ -5,11 +5,15 @@ each weight it targets; several styles add up; with every scale at 0 the image i
 model's, bit for bit.
 
 Speed (issue 5): by default the blend is fused. When the {style: scale} set changes, the weighted
-sum of the active styles is written into the targeted base weights once, and peft's LoRA wrappers
-are taken out of the UNet (their plain base layers put back in their place) until the next change,
-so each denoising step runs the base model's own modules and costs what the base model's step costs. The original weight
-of every layer ever fused is kept (one copy, on the weight's own device), and the next change
-starts again from it: the base weights come back bit for bit however often the sliders move.
+sum of the active styles' updates is written into the base weights once, so each denoising step runs
+the base model's own modules and costs what the base model's step costs. The original weight of every
+layer ever fused is kept (one copy, on the weight's own device), and the next change starts again from
+it: the base weights come back bit for bit however often the sliders move.
+
+What is fused (issue 19): every layer update a style file holds, of any kind styles/updates.py applies
+(LoRA on any Linear or Conv2d, LoCon, LoHa, LoKr, DoRA, full differences), in the UNet and the text
+encoders, read by styles/patches.py as ComfyUI reads it. A style at scale s adds s * delta to each layer
+(for DoRA, delta is taken against the base weight), and several styles add up.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
-from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -34,6 +37,8 @@ from models.base import Base
 from styles import formats, generation
 from styles.generation import GenerationCancelled, GenerationLine, Ticket
 from styles.library import StyleInfo, StyleLibrary
+from styles.patches import Patch
+from styles.updates import Update
 
 SCALE_RANGE = (-2.0, 2.0)
 DEFAULT_STEPS = 20
@@ -44,8 +49,9 @@ class Blender:
     """Generate with any mix of library styles on one base pipeline.
 
     fuse=True (default): the blend is fused into the base weights at each change of scales; steps
-    run at base-model speed. fuse=False: diffusers' set_adapters, every LoRA branch runs every
-    step (slower steps, instant slider changes). The attribute may be flipped between calls.
+    run at base-model speed, and every adapter kind applies. fuse=False: diffusers' load_lora_weights and
+    set_adapters, every LoRA branch runs every step (slower steps, instant slider changes; plain LoRA
+    only, as diffusers loads it). The attribute may be flipped between calls.
 
     The blender claims its base's pipeline when it first loads a style (models.base.Base.claim):
     a training run in this process gets a Base of its own, or the pipeline through lend_base(),
@@ -62,16 +68,17 @@ class Blender:
     def __init__(self, base: Base, library: StyleLibrary, fuse: bool = True, allow_large: bool = False):
         self.base, self.library, self.fuse, self.allow_large = base, library, fuse, allow_large
         self.line = GenerationLine()
-        self._loaded: dict[str, float] = {}  # adapter name -> mtime of the file it was loaded from
+        self._loaded: dict[str, float] = {}  # unfused: peft adapter name -> mtime of the file it was loaded from
+        # fused: style -> (mtime of its file, its layer updates on the base's device)
+        self._patches: dict[str, tuple[float, dict[str, Update]]] = {}
         self._lock = threading.RLock()  # one pipeline: one generation (and adapter change) at a time
         self.warnings: list[str] = []
+        self._warned: set[str] = set()  # styles warned about, once each
         # layer name -> (its base weight parameter, a copy of that weight's original value): taken
         # before the layer is first fused, never written to, so restoring is one exact copy.
         self._originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         self._dirty: set[str] = set()  # layers whose weight holds a blend right now
         self._fused: dict[str, float] | None = None  # the blend in the weights ({}: none); None: not known
-        # (parent module, attribute, LoRA wrapper) of each wrapper taken out while a blend is fused.
-        self._unwrapped: list[tuple[torch.nn.Module, str, LoraLayer]] = []
 
     def normalise(self, scales: dict[str, float] | None) -> dict[str, float]:
         """Check names and values; raise ValueError listing the available styles. Touches nothing."""
@@ -103,22 +110,35 @@ class Blender:
         Fused mode costs one weight rewrite per change of scales; the same scales again write nothing.
         """
         active = {name: s for name, s in self.normalise(scales).items() if s != 0}
-        pipe = self.base.pipe
         with self._lock:
-            gone, to_load = self._changes(active)  # validates too, before anything changes
-            if self.fuse and active == self._fused and not gone and not to_load:
-                return active  # the blend is in the weights already
-            self._restore()  # base weights back first, so nothing reloads or hashes a blended UNet
-            self._sync(gone, to_load)
-            if not active:
-                if self._loaded:
-                    pipe.disable_lora()  # LoRA layers bypassed: exactly the base model
-            elif self.fuse:
-                self._fuse(active)
+            if self.fuse:
+                self._apply_fused(active)
             else:
-                pipe.enable_lora()
-                pipe.set_adapters(list(active), list(active.values()))
+                self._apply_unfused(active)
         return active
+
+    def _apply_fused(self, active: dict[str, float]) -> None:
+        changed = self._read_patches(active)  # validates too, before anything changes
+        if active == self._fused and not changed:
+            return  # the blend is in the weights already
+        self._restore()  # base weights back first, so nothing reloads or hashes a blended UNet
+        if self._loaded:  # peft's layers from an unfused blend out: fused steps run the plain layers
+            self.base.pipe.unload_lora_weights()
+            self._loaded.clear()
+        if active:
+            self._fuse(active)
+
+    def _apply_unfused(self, active: dict[str, float]) -> None:
+        pipe = self.base.pipe
+        gone, to_load = self._changes(active)  # validates too, before anything changes
+        self._restore()
+        self._sync(gone, to_load)
+        if not active:
+            if self._loaded:
+                pipe.disable_lora()  # LoRA layers bypassed: exactly the base model
+        else:
+            pipe.enable_lora()
+            pipe.set_adapters(list(active), list(active.values()))
 
     @torch.no_grad()
     def generate(
@@ -244,8 +264,40 @@ class Blender:
             return sum(original.numel() * original.element_size() for _, original in self._originals.values())
 
     # -- helpers ------------------------------------------------------------------------
+    def _check_style(self, name: str) -> tuple[StyleInfo, Patch]:
+        """A style's file read and checked against the base (a file put into the library by hand is data like
+        any import); ValueError for a style of another family or a file that does not fit."""
+        info = self.library.get(name)
+        if info.family and info.family != self.base.family:
+            raise ValueError(
+                f"Style {name!r} was trained on a {info.family} model and cannot be used with this "
+                f"{self.base.family} base model ({self.base.model_id})."
+            )
+        if info.unet_hash and info.unet_hash != self.base.unet_hash and name not in self._warned:
+            self._warned.add(name)
+            self.warnings.append(
+                f"Style {name!r} was trained on {info.base_model or 'another model'}; it may look different here."
+            )
+        return info, formats.read_adapter(info.path, self.base.layout)
+
+    def _read_patches(self, active: dict[str, float]) -> bool:
+        """Read the active styles whose file is new or changed (all checked before any is kept); forget styles
+        that are gone. Whether anything changed."""
+        names = set(self.library.names())
+        gone = [name for name in self._patches if name not in names]
+        fresh = {}
+        for name in active:
+            mtime = self.library.get(name).mtime
+            if self._patches.get(name, (None,))[0] != mtime:
+                info, patch = self._check_style(name)
+                fresh[name] = (info.mtime, {layer: u.to(self.base.device) for layer, u in patch.updates.items()})
+        for name in gone:
+            del self._patches[name]
+        self._patches |= fresh
+        return bool(fresh or gone)
+
     def _changes(self, active: dict[str, float]) -> tuple[list[str], dict[str, StyleInfo]]:
-        """(loaded adapters whose style is gone, active styles to load or reload); raises before any change."""
+        """Unfused: (loaded adapters whose style is gone, active styles to load or reload); raises before any change."""
         names = set(self.library.names())
         gone = [name for name in self._loaded if name not in names]
         to_load = {}
@@ -253,96 +305,82 @@ class Blender:
             info = self.library.get(name)
             if self._loaded.get(name) == info.mtime:
                 continue
-            if info.family and info.family != self.base.family:
-                raise ValueError(
-                    f"Style {name!r} was trained on a {info.family} model and cannot be used with this "
-                    f"{self.base.family} base model ({self.base.model_id})."
-                )
-            # A file put into the library by hand is data like any import: checked before diffusers reads it.
-            formats.import_adapter(info.path, self.base.layout)
+            info, patch = self._check_style(name)
+            if not patch.plain_lora():
+                raise ValueError(f"Style {name!r} holds {patch.summary()}: only a fused blend (the default) applies "
+                                 "those; diffusers' set_adapters runs plain LoRA only.")
             to_load[name] = info
         return gone, to_load
 
     def _sync(self, gone: list[str], to_load: dict[str, StyleInfo]) -> None:
-        """Drop adapters whose style is gone; load new styles and those whose file changed."""
+        """Unfused: drop adapters whose style is gone; load new styles and those whose file changed."""
         pipe = self.base.pipe
         if to_load:
-            self.base.claim(self, "a Blender")  # from the first style it loads until lend_base()
+            self.base.claim(self, "a Blender")
         for name in gone:
             pipe.delete_adapters(name)
             del self._loaded[name]
         for name, info in to_load.items():
-            if info.unet_hash and info.unet_hash != self.base.unet_hash:
-                self.warnings.append(
-                    f"Style {name!r} was trained on {info.base_model or 'another model'}; it may look different here."
-                )
             if name in self._loaded:
                 pipe.delete_adapters(name)
-            with _diffusers_quiet():  # its "no LoRA keys for the text encoder" note: a style adapts the UNet only
+            with _diffusers_quiet():  # its "no LoRA keys for the text encoder" note for UNet-only styles
                 pipe.load_lora_weights(str(info.path), adapter_name=name)
             self._loaded[name] = info.mtime
 
     @torch.no_grad()
     def _fuse(self, active: dict[str, float]) -> None:
-        """Write base + the weighted sum of the active styles into every targeted weight; branches off.
+        """Write base + the weighted sum of the active styles' updates into every layer they change.
 
         Not pipe.fuse_lora: peft's merge adds one style at a time in the weights' dtype, so in
         bf16/fp16 the weight is rounded once per style (a delta under half a unit in the last place
         of the weight is lost, even where the styles' sum would not be), and unfuse_lora subtracts
         again with the *current* scales: it drifts, and is wrong once set_adapters has moved them.
-        Here the sum is taken in fp32 from the kept original and rounded once; going back is a copy.
+        Nor can peft apply LoHa, LoKr or full differences. Here the sum is taken in fp32 from the kept
+        original and rounded once; going back is a copy.
         """
-        pipe = self.base.pipe
-        pipe.set_adapters(list(active), list(active.values()))  # peft's per-layer scaling: s * alpha / r
-        pipe.disable_lora()  # the blend lives in the weights now; the branches must not add it again
-        layers = list(_lora_layers(pipe))  # one walk of the modules, for the fuse and the unwrap
+        self.base.claim(self, "a Blender")  # from the first fuse until lend_base()
+        layers: dict[str, list[tuple[float, Update]]] = {}
+        for name, scale in active.items():
+            for layer, update in self._patches[name][1].items():
+                layers.setdefault(layer, []).append((scale, update))
         try:
-            for component_name, layer_name, layer in layers:
-                name = f"{component_name}.{layer_name}"
-                styles = [style for style in active if style in layer.lora_A]
-                if not styles:
-                    continue
-                weight = layer.get_base_layer().weight
-                if name not in self._originals:
-                    # Kept on the weight's own device: every change reads it (here) and copies it
-                    # back (restore). From CPU memory both would cross PCIe each time; on the GPU
-                    # it costs the targeted weights once more (SD 1.5, bf16: 178 MiB, 11% of the UNet).
-                    self._originals[name] = (weight, weight.detach().clone())
-                weight.copy_(_blended_weight(layer, styles, self._originals[name][1]))  # the one rounding
-                self._dirty.add(name)
+            for layer, contributions in layers.items():
+                module = self._module(layer)
+                original = self._original(f"{layer}.weight", module.weight)
+                module.weight.copy_(_blended_weight(original, contributions))  # the one rounding
+                self._dirty.add(f"{layer}.weight")
+                biases = [(scale, u.bias_delta()) for scale, u in contributions if u.bias_delta() is not None]
+                if biases:
+                    original = self._original(f"{layer}.bias", module.bias)
+                    module.bias.copy_(original.float() + sum(scale * delta for scale, delta in biases))
+                    self._dirty.add(f"{layer}.bias")
         except BaseException:
             self._restore()  # half a blend is worse than none: leave the base model
             raise
         self._fused = dict(active)
-        self._unwrap(layers)
 
-    def _unwrap(self, layers: list[tuple[str, str, LoraLayer]]) -> None:
-        """Put each LoRA wrapper's plain base layer in its place (their branches are off, so the output is the same).
+    def _module(self, layer: str) -> torch.nn.Module:
+        """The pipeline's module of a layer ("unet.<path>"), peft's wrapper seen through."""
+        component, _, path = layer.partition(".")
+        module = self.base.pipe.components[component].get_submodule(path)
+        return module.get_base_layer() if isinstance(module, LoraLayer) else module
 
-        A disabled peft layer still costs a Python call and its checks per step, 128 of them in SD 1.5's
-        UNet: on a GPU, where a step is mostly launch overhead, that was 7% of the step with 4 styles
-        (`bench/blend_speed --arch sd15`). _rewrap() puts the wrappers back before peft is used again.
-        """
-        for component_name, layer_name, layer in layers:
-            parent_name, _, attribute = layer_name.rpartition(".")
-            parent = self.base.pipe.components[component_name].get_submodule(parent_name)
-            setattr(parent, attribute, layer.get_base_layer())
-            self._unwrapped.append((parent, attribute, layer))
+    def _original(self, name: str, parameter: torch.nn.Parameter) -> torch.Tensor:
+        """The kept original value of a parameter, taken before its first fuse.
 
-    def _rewrap(self) -> None:
-        for parent, attribute, layer in self._unwrapped:
-            setattr(parent, attribute, layer)
-        self._unwrapped.clear()
+        Kept on the weight's own device: every change reads it (here) and copies it back (restore).
+        From CPU memory both would cross PCIe each time; on the GPU it costs the fused weights once
+        more (SD 1.5 attention, bf16: 178 MiB, 11% of the UNet)."""
+        if name not in self._originals:
+            self._originals[name] = (parameter, parameter.detach().clone())
+        return self._originals[name][1]
 
     @torch.no_grad()
     def _restore(self) -> None:
-        """Copy the original weight back into every layer that holds a blend: exact, not a subtraction.
-
-        The LoRA wrappers go back in first, so the pipeline is as peft left it."""
-        self._rewrap()
+        """Copy the original value back into every parameter that holds a blend: exact, not a subtraction."""
         for name in self._dirty:
-            weight, original = self._originals[name]
-            weight.copy_(original)
+            parameter, original = self._originals[name]
+            parameter.copy_(original)
         self._dirty.clear()
         self._fused = {} if self.fuse else None
 
@@ -373,32 +411,23 @@ def _diffusers_quiet() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
-def _lora_layers(pipe):
-    """(component name, module name, peft LoRA layer) of every LoRA layer in the pipeline's components."""
-    for component_name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module):
-            for name, module in component.named_modules():
-                if isinstance(module, LoraLayer):
-                    yield component_name, name, module
+def _blended_weight(original: torch.Tensor, contributions: list[tuple[float, Update]]) -> torch.Tensor:
+    """original + sum of scale * delta over the styles that change this layer, in fp32.
 
-
-def _blended_weight(layer: LoraLayer, styles: list[str], original: torch.Tensor) -> torch.Tensor:
-    """original + sum over styles of scaling * B @ A, in fp32 (scaling: peft's s * alpha / r, set by set_adapters).
-
-    peft's get_delta_weight computes in the adapter's dtype (bf16/fp16 on a GPU) and one style at
-    a time. For plain Linear layers (all that styles target by default) the styles' B (scaled) and
-    A are stacked along the rank instead, so one fp32 addmm forms the whole blend with no
-    weight-sized temporary per style (4 styles on SD 1.5: 155 ms instead of 272 on 2 CPU cores).
-    Other layer types (convolutions) keep peft's own math, computed in the adapter's dtype.
+    Plain LoRA updates (all our own styles hold) are stacked along the rank, with each scale folded into
+    its B, so one fp32 addmm forms their whole sum with no weight-sized temporary per style (4 styles
+    on SD 1.5: 155 ms instead of 272 on 2 CPU cores). Other kinds add their full delta.
     """
-    for style in styles:
-        if style in layer.lora_variant or layer.lora_bias.get(style):
-            raise ValueError(f"Style {style!r} uses a LoRA variant (DoRA or a LoRA bias), which cannot be fused.")
-    if isinstance(layer, LoraLinear) and not layer.fan_in_fan_out:
-        b = torch.cat([layer.lora_B[style].weight.float() * layer.scaling[style] for style in styles], dim=1)
-        a = torch.cat([layer.lora_A[style].weight.float() for style in styles])
-        return torch.addmm(original.float(), b, a)
-    return sum(layer.get_delta_weight(style).float() for style in styles) + original.float()
+    result = original.float()
+    low_rank = [(scale, factors) for scale, u in contributions if (factors := u.low_rank()) is not None]
+    if low_rank:
+        b = torch.cat([scale * up for scale, (up, _) in low_rank], dim=1)
+        a = torch.cat([down for _, (_, down) in low_rank])
+        result = torch.addmm(result.flatten(1), b, a).reshape(original.shape)
+    for scale, update in contributions:
+        if update.low_rank() is None:
+            result = result + scale * update.delta(original)
+    return result
 
 
 def a1111_parameters(recipe: dict) -> str:

@@ -24,6 +24,11 @@ import torch
 
 UNET = "lora_unet_"
 TEXT_ENCODER = ("lora_te_", "lora_te1_", "lora_te2_")  # SD 1.x/2.x; SDXL's first and second encoder
+TEXT_ENCODER_PREFIXES = {"text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
+COMFY_UNET = "diffusion_model."  # ComfyUI's own LoRA files: the original UNet path, dots kept
+# ComfyUI's text encoder prefixes (clip_h is SD 2's encoder, clip_g SDXL's second).
+COMFY_TEXT_ENCODERS = {"text_encoder": ("text_encoders.clip_l.transformer.", "text_encoders.clip_h.transformer."),
+                       "text_encoder_2": ("text_encoders.clip_g.transformer.",)}
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
 # sd-scripts' names of the base model each family is, and the model-spec architecture ids and implementations
@@ -38,53 +43,116 @@ MODELSPEC_ARCHITECTURE = {
 MODELSPEC_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models"}  # the others: "diffusers"
 
 
-_DOWN_ATTN = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
-_UP_ATTN = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
-_MID_ATTN = re.compile(r"^mid_block\.attentions\.0\.(.+)$")
+# diffusers' UNet module names -> the original (SGM/LDM) ones, as sd-scripts' and ComfyUI's conversion tables
+# spell them (sd-scripts library/sdxl_model_util.py, ComfyUI comfy/utils.py unet_to_diffusers).
+_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)(\..+)?$")
+_SAMPLER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(?:downsamplers|upsamplers)\.0\.conv$")
+_MID = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)(\..+)?$")
+_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_FIXED = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+          "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+          "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
 
-def to_sgm(module: str, layers_per_block: int) -> str | None:
-    """diffusers UNet path of an attention module -> its original (SGM/LDM) path; None if not in one.
+def to_sgm(module: str, layers_per_block: int, attended_up_levels: frozenset[int] = frozenset()) -> str | None:
+    """diffusers UNet module path -> its original (SGM/LDM) path; None for a module it has no name for.
 
     The original UNet numbers its blocks flat: input block 0 is conv_in, then each down level has
-    `layers_per_block` layers and a downsampler; each up level has one layer more.
+    `layers_per_block` layers and a downsampler; each up level has one layer more, then its upsampler,
+    which is the block's third part where the level has attention and its second where it has not.
     """
-    if match := _DOWN_ATTN.match(module):
-        level, layer, rest = int(match[1]), int(match[2]), match[3]
-        return f"input_blocks.{(layers_per_block + 1) * level + layer + 1}.1.{rest}"
-    if match := _UP_ATTN.match(module):
-        level, layer, rest = int(match[1]), int(match[2]), match[3]
-        return f"output_blocks.{(layers_per_block + 1) * level + layer}.1.{rest}"
-    if match := _MID_ATTN.match(module):
-        return f"middle_block.1.{match[1]}"
+    step = layers_per_block + 1
+    if module in _FIXED:
+        return _FIXED[module]
+    if match := _BLOCK.match(module):
+        side, level, kind, layer, rest = match[1], int(match[2]), match[3], int(match[4]), match[5] or ""
+        index = step * level + layer + (1 if side == "down_blocks" else 0)
+        block = f"{'input' if side == 'down_blocks' else 'output'}_blocks.{index}"
+        return f"{block}.1{rest}" if kind == "attentions" else f"{block}.0{_resnet_part(rest)}"
+    if match := _SAMPLER.match(module):
+        level = int(match[2])
+        if match[1] == "down_blocks":
+            return f"input_blocks.{step * (level + 1)}.0.op"
+        return f"output_blocks.{step * level + layers_per_block}.{2 if level in attended_up_levels else 1}.conv"
+    if match := _MID.match(module):
+        kind, index, rest = match[1], int(match[2]), match[3] or ""
+        if kind == "attentions":
+            return f"middle_block.1{rest}"
+        return f"middle_block.{2 * index}{_resnet_part(rest)}"
     return None
 
 
-def kohya_name(module: str) -> str:
+def _resnet_part(rest: str) -> str:
+    """'.conv1' -> '.in_layers.2': a ResNet block's part in the original UNet's names."""
+    head, dot, tail = rest[1:].partition(".")
+    return "." + _RESNET_PARTS.get(head, head) + dot + tail if rest else ""
+
+
+def attended_up_levels(unet_modules) -> frozenset[int]:
+    """The up levels of a UNet that have attention (their upsampler is numbered after it)."""
+    return frozenset(int(m.split(".")[1]) for m in unet_modules if m.startswith("up_blocks.") and ".attentions." in m)
+
+
+def kohya_name(module: str, prefix: str = UNET) -> str:
     """'down_blocks.0.attentions.0...to_out.0' -> 'lora_unet_down_blocks_0_attentions_0_..._to_out_0'."""
-    return UNET + module.replace(".", "_")
+    return prefix + module.replace(".", "_")
 
 
-def name_table(module_names: list[str], layers_per_block: int) -> dict[str, str]:
-    """Every kohya name a UNet module may go by (diffusers and SGM spellings) -> its diffusers path."""
+def file_path(layer: str) -> str:
+    """A layer's module path as adapter files spell it: a text encoder's with CLIP's "text_model." root, which
+    files and checkpoints carry and transformers 5 no longer puts in module names."""
+    component, _, module = layer.partition(".")
+    if component != "unet" and module.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+        return "text_model." + module
+    return module
+
+
+def name_table(layers: list[str], layers_per_block: int) -> dict[str, str]:
+    """Every name a layer goes by in adapter files -> the layer ("unet.<path>", "text_encoder.<path>", ...).
+
+    kohya names (lora_unet_ with diffusers' and with the original block names, lora_te_/lora_te1_ and
+    lora_te2_ for the text encoders), ComfyUI's own (diffusion_model.<original path>,
+    text_encoders.clip_*.transformer.<module>) and diffusers' text encoder names, each with and without
+    CLIP's "text_model." root.
+    """
+    unet = [layer[len("unet."):] for layer in layers if layer.startswith("unet.")]
+    attended = attended_up_levels(unet)
     table = {}
-    for module in module_names:
-        table[kohya_name(module)] = module
-        if (sgm := to_sgm(module, layers_per_block)) is not None:
-            table[kohya_name(sgm)] = module
+    for module in unet:
+        table[kohya_name(module)] = "unet." + module
+        if (sgm := to_sgm(module, layers_per_block, attended)) is not None:
+            table[kohya_name(sgm)] = "unet." + module
+            table[COMFY_UNET + sgm] = "unet." + module
+    for layer in layers:
+        component, _, module = layer.partition(".")
+        for spelling in {module, file_path(layer)}:
+            for prefix in TEXT_ENCODER_PREFIXES.get(component, ()):
+                table[kohya_name(spelling, prefix)] = layer
+            for prefix in COMFY_TEXT_ENCODERS.get(component, ()):
+                table[prefix + spelling] = layer
+            if component != "unet":
+                table[f"{component}.{spelling}"] = layer
     return table
+
+
+def export_name(layer: str, family: str, layers_per_block: int, attended: frozenset[int] = frozenset()) -> str:
+    """The kohya name sd-scripts writes for a layer: SGM block names and lora_te1_/lora_te2_ for SDXL."""
+    component, _, module = layer.partition(".")
+    if component == "unet":
+        return kohya_name(to_sgm(module, layers_per_block, attended) or module if family == "sdxl" else module)
+    if component == "text_encoder":
+        return kohya_name(file_path(layer), "lora_te1_" if family == "sdxl" else "lora_te_")
+    return kohya_name(file_path(layer), "lora_te2_")
 
 
 def export(
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, family: str, layers_per_block: int
 ) -> dict[str, torch.Tensor]:
-    """Kohya tensors from {diffusers module path: (lora_A, lora_B)}, with the trained alpha."""
+    """Kohya tensors from {diffusers UNet module path: (lora_A, lora_B)}, with the trained alpha."""
     tensors = {}
     for module, (down, up) in modules.items():
-        name = module
-        if family == "sdxl":  # sd-scripts' SDXL files use the original block names
-            name = to_sgm(module, layers_per_block) or module
-        key = kohya_name(name)
+        key = export_name("unet." + module, family, layers_per_block)
         tensors[key + DOWN] = down.contiguous()
         tensors[key + UP] = up.contiguous()
         tensors[key + ALPHA] = torch.tensor(float(alpha), dtype=torch.float32)
@@ -169,11 +237,3 @@ def _epoch(iso_time: str) -> str:
 
 def is_kohya(keys) -> bool:
     return any(key.startswith((UNET, *TEXT_ENCODER)) for key in keys)
-
-
-def split_key(key: str) -> tuple[str, str] | None:
-    """'lora_unet_x.lora_down.weight' -> ('lora_unet_x', '.lora_down.weight'); None for other parts."""
-    for part in (DOWN, UP, ALPHA):
-        if key.endswith(part):
-            return key[: -len(part)], part
-    return None

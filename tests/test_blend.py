@@ -235,7 +235,7 @@ def test_after_many_slider_moves_all_zero_is_the_base_bit_for_bit(library, train
 
 
 def test_lora_layers_are_out_of_the_unet_while_fused(blender):
-    """Fused, the UNet runs its own plain layers (no peft wrapper, no branch); unfused, the branches run."""
+    """Fused, the UNet runs its own plain layers (no peft layer, no branch); unfused, the branches run."""
     unet = blender.base.pipe.unet
     blender.fuse = False
     blender.apply({"ink": 1.0, "pastel": -0.5})  # loads the styles: now their LoRA layers exist
@@ -250,9 +250,12 @@ def test_lora_layers_are_out_of_the_unet_while_fused(blender):
     _image(blender, {"ink": 1.0, "pastel": -0.5})
     assert not calls
     assert not any(isinstance(module, LoraLayer) for module in unet.modules())
-    blender.apply({})  # the wrappers are back where they were, ready for peft
+    blender.fuse = False  # unfused again: peft's layers load again, and their branches run
+    _image(blender, {"ink": 1.0, "pastel": -0.5})
     assert any(isinstance(module, LoraLayer) for module in unet.modules())
-    blender.fuse = False
+    for name, module in unet.named_modules():
+        if name.endswith(("lora_A.ink", "lora_A.pastel")):
+            module.register_forward_hook(lambda *_: calls.append(1))
     _image(blender, {"ink": 1.0, "pastel": -0.5})
     assert calls
 
@@ -283,11 +286,11 @@ def test_a_style_file_replaced_on_disk_is_picked_up(blender, library, base_weigh
 def test_a_failed_fuse_leaves_the_base_model(blender, base_weights, monkeypatch):
     calls = []
 
-    def failing(layer, styles, original):
-        calls.append(layer)
+    def failing(original, contributions):
+        calls.append(original)
         if len(calls) == 5:
             raise torch.OutOfMemoryError("no room for the blend")
-        return _blended_weight(layer, styles, original)
+        return _blended_weight(original, contributions)
 
     blender.apply({"pastel": 1.0})
     monkeypatch.setattr("styles.blend._blended_weight", failing)
