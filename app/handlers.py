@@ -661,13 +661,15 @@ def list_styles(studio: Studio) -> list[dict]:
 
 @user_errors
 def export_style(studio: Studio, name, layout="kohya"):
-    """Download a style as .safetensors: layout 'kohya' (A1111, ComfyUI, diffusers) or 'diffusers' (diffusers/PEFT)."""
+    """Download a style as .safetensors: layout 'kohya' (A1111, ComfyUI, Forge, sd-scripts, diffusers'
+    load_lora_weights) or 'diffusers' (diffusers/PEFT code; plain LoRA only)."""
     return str(studio.export(name, layout))
 
 
 @user_errors
 def import_style(studio: Studio, file, name=""):
-    """Import a LoRA made elsewhere (kohya, diffusers or PEFT .safetensors) as a style; returns a message."""
+    """Import an adapter made elsewhere as a style: LoRA, LoCon, LoHa, LoKr, DoRA or full differences, in the kohya,
+    ComfyUI, diffusers or PEFT layout (.safetensors); returns a message saying what it holds."""
     if not file:
         raise ValueError("Choose a .safetensors LoRA file to import.")
     imported, notes = studio.import_style(file, name or "")
@@ -675,8 +677,10 @@ def import_style(studio: Studio, file, name=""):
 
 
 def _imported(name: str, notes: list[str]) -> str:
-    left_out = "".join(f"\n- {note}" for note in notes)
-    return f"Imported **{name}**." + (f" Left out:{left_out}" if left_out else "")
+    """'Imported **x**: it holds ...', then what was assumed, one line each."""
+    holds, assumed = (notes[0], notes[1:]) if notes and notes[0].startswith("holds ") else ("", notes)
+    return (f"Imported **{name}**" + (f": it {holds}." if holds else ".")
+            + "".join(f"\n- {note}" for note in assumed))
 
 
 @user_errors

@@ -346,14 +346,15 @@ def _styles_tab(page: Page) -> None:
         page.delete_pending = gr.State(None)  # the style Delete asked about: the only one Confirm deletes
         page.export_layout = gr.Radio(
             [("kohya: AUTOMATIC1111, ComfyUI, Forge, sd-scripts, diffusers", "kohya"),
-             ("diffusers / PEFT: diffusers and PEFT code only", "diffusers")],
+             ("diffusers / PEFT: diffusers and PEFT code only (plain LoRA)", "diffusers")],
             value="kohya", label="Download layout",
         )
         page.export_button = gr.Button("Download .safetensors")
     page.styles_message = gr.Markdown(label="Message")  # beside the buttons it answers, not below the import form
     page.download = gr.File(label="Download", elem_id="style-download", height=90)
     with gr.Row():
-        page.import_file = gr.File(label="Import a LoRA made elsewhere (.safetensors: kohya, diffusers or PEFT)",
+        page.import_file = gr.File(label="Import an adapter made elsewhere (.safetensors: LoRA, LoCon, LoHa, LoKr, "
+                                         "DoRA; kohya, ComfyUI, diffusers or PEFT layout)",
                                    type="filepath")  # any suffix: a .ckpt gets our message, not a bare refusal
         page.import_name = gr.Textbox(label="Name for it (default: the file's name)")
         page.import_button = gr.Button("Import")
