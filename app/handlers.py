@@ -37,7 +37,7 @@ JOB_COLUMNS = ["job", "style", "state", "queue", "step", "checkpoint", "message"
 # "steps": the step its weights come from (its best validation, or a kept checkpoint); "validation_score": there
 STYLE_COLUMNS = ["name", "trigger", "base_model", "family", "created", "rank", "alpha", "steps", "validation_score",
                  "learning_rate"]
-CAPTION_COLUMNS = ["image", "name", "caption", "source"]  # the caption editor's table; only "caption" is editable
+CAPTION_COLUMNS = ["image", "name", "caption", "source", "trains at"]  # the caption editor; only "caption" is edited
 GRID_SCALES = ", ".join(f"{scale:g}" for scale in DEFAULT_SCALES)  # the grid's columns, as the form shows them
 GRID_SEEDS = ", ".join(map(str, DEFAULT_SEEDS))
 # The validation strip: room for its label, then one row per checkpoint (a 192 px tile, its caption (layout.CAPTION_PX),
@@ -286,34 +286,37 @@ def train_style(studio: Studio, page, files, style_name, trigger=None, caption_t
     yield from follow_until_done(studio, page, job_id)
 
 
-def _caption_rows(studio: Studio, files, caption_template, auto_caption) -> tuple[list[dict], str]:
+def _caption_rows(studio: Studio, files, caption_template, auto_caption, bucketing=True) -> tuple[list[dict], str]:
     paths = [getattr(f, "name", f) for f in (files or [])]
     if not paths:
         return [], ""
-    auto = auto_caption not in (False, "False", "false")  # the Advanced drop-down: empty means the preset's (on)
-    rows, note = studio.caption_images(paths, caption_template or DEFAULT_CAPTION_TEMPLATE, auto)
+    auto = auto_caption not in (False, "False", "false")  # the Advanced drop-downs: empty means the preset's (on)
+    buckets = bucketing not in (False, "False", "false")
+    rows, note = studio.caption_images(paths, caption_template or DEFAULT_CAPTION_TEMPLATE, auto, buckets)
     return [vars(row) for row in rows], note
 
 
 @user_errors
 def caption_images(studio: Studio, files, caption_template=None, auto_caption=True):
-    """Each uploaded image's caption before training: [{"name", "caption", "source"}] and a note.
+    """Each uploaded image's caption before training: [{"name", "caption", "source", "bucket"}] and a note
+    (bucket: the size it trains at, its aspect-ratio bucket, e.g. "640x384").
 
     source: ".txt" (its own caption file), "captioner" (the base model's captioner) or "template" (the
     caption template, {trigger} filled in at training). Edit them and pass them to /submit_training as
     `captions`; training adds the trigger word to each.
     """
     rows, note = _caption_rows(studio, files, caption_template, auto_caption)
-    return [{key: row[key] for key in ("name", "caption", "source")} for row in rows], note
+    return [{key: row[key] for key in ("name", "caption", "source", "bucket")} for row in rows], note
 
 
 @user_errors
-def show_captions(studio: Studio, page, files, caption_template=None, auto_caption=None):
-    """The caption editor: a row per uploaded image (thumbnail, name, caption, source) and the captioner's note."""
-    rows, note = _caption_rows(studio, files, caption_template, auto_caption)
+def show_captions(studio: Studio, page, files, caption_template=None, auto_caption=None, bucketing=None):
+    """The caption editor: a row per uploaded image (thumbnail, name, caption, source, the size it trains at:
+    its aspect-ratio bucket) and the captioner's note."""
+    rows, note = _caption_rows(studio, files, caption_template, auto_caption, bucketing)
     table = pd.DataFrame(
-        [[f"![thumbnail](gradio_api/file={quote(row['thumbnail'])})", row["name"], row["caption"], row["source"]]
-         for row in rows], columns=CAPTION_COLUMNS)
+        [[f"![thumbnail](gradio_api/file={quote(row['thumbnail'])})", row["name"], row["caption"], row["source"],
+          row["bucket"]] for row in rows], columns=CAPTION_COLUMNS)
     return {page.captions: table, page.caption_rows: rows, page.caption_note: note}
 
 

@@ -178,8 +178,9 @@ def _caption_editor(page: Page) -> None:
         page.caption_note = gr.Markdown()
         page.captions = gr.Dataframe(
             value=pd.DataFrame(columns=CAPTION_COLUMNS), headers=CAPTION_COLUMNS,
-            datatype=["markdown", "str", "str", "str"], interactive=True, static_columns=[0, 1, 3], wrap=True,
-            column_widths=["104px", "22%", "52%", "12%"], label="Captions (only the caption column is editable)",
+            datatype=["markdown", "str", "str", "str", "str"], interactive=True, static_columns=[0, 1, 3, 4],
+            wrap=True, column_widths=["104px", "20%", "46%", "11%", "11%"],
+            label="Captions (only the caption column is editable; 'trains at': the picture's aspect-ratio bucket)",
             elem_id="caption-editor", max_height=640,
         )
         page.caption_rows = gr.State([])  # the rows as captioned, to tell the user's edits from them
@@ -393,7 +394,8 @@ def _wire_training(page: Page, studio: Studio) -> None:
                          ).then(**_refresh_styles(page, studio))
     # The caption editor fills itself when files are uploaded (or on its button); the API gets plain rows.
     show_captions = dict(fn=bind(handlers.show_captions, studio, page),
-                         inputs=[page.files, page.caption_template, page.advanced["auto_caption"]],
+                         inputs=[page.files, page.caption_template, page.advanced["auto_caption"],
+                                 page.advanced["bucketing"]],
                          outputs=[page.captions, page.caption_rows, page.caption_note], api_visibility="private")
     page.files.change(**show_captions)
     page.caption_button.click(**show_captions)

@@ -27,7 +27,7 @@ from styles.generation import Ticket
 from styles.grid import DEFAULT_SCALES, DEFAULT_SEEDS, draw_grid, numbers
 from styles.library import StyleInfo, StyleLibrary
 from trainer.config import DEFAULT_PRESET, make_config, read_settings, write_settings
-from trainer.data import ImageSet, UploadLimits, ingest
+from trainer.data import ImageSet, UploadLimits, bucket_of, bucket_sizes, bucket_step, ingest, size_multiple
 from trainer.jobs import JobManager, JobRecord, Progress
 
 EXPORT_LAYOUTS = ("kohya", "diffusers")  # the first is the default download
@@ -59,6 +59,7 @@ class Caption:
     caption: str  # its content, without the trigger word (a template row shows the template itself)
     source: str  # ".txt", "captioner" or "template"
     thumbnail: str = ""  # a small PNG of it in the workspace
+    bucket: str = ""  # the size it trains at: "96x48" (its aspect-ratio bucket), or the square without bucketing
 
 
 class Studio:
@@ -117,12 +118,13 @@ class Studio:
                 images.captions[index] = text or None
         return self.jobs.submit(cfg, images), images
 
-    def caption_images(self, sources: list[str], caption_template: str, auto_caption: bool = True
-                       ) -> tuple[list[Caption], str]:
-        """Each uploaded image's caption as training would start from it, and a note on how they were made.
+    def caption_images(self, sources: list[str], caption_template: str, auto_caption: bool = True,
+                       bucketing: bool = True) -> tuple[list[Caption], str]:
+        """Each uploaded image's caption as training would start from it, its bucket, and a note on how they were made.
 
         An image's .txt comes first; then the base model's captioner (models/captions.py) when `auto_caption`
-        is on; then `caption_template`, shown as it is ({trigger} is filled in at training).
+        is on; then `caption_template`, shown as it is ({trigger} is filled in at training). The bucket is the
+        size the picture trains at (trainer.data.bucket_of): its aspect-ratio bucket, or the square without bucketing.
         """
         images = ingest(sources, self.base.resolution, limits=self.limits)
         self._prune_previews()
@@ -143,9 +145,17 @@ class Studio:
             else:
                 rows.append(Caption(name, caption_template, "template"))
             rows[-1].thumbnail = str(self._preview(images.images[index]))
+            rows[-1].bucket = "{}x{}".format(*self._bucket(images.original_size(index), bucketing))
         if images.skipped:
             note += f" Skipped {len(images.skipped)}: " + "; ".join(images.skipped_lines())
         return rows, note.strip()
+
+    def _bucket(self, size: tuple[int, int], bucketing: bool) -> tuple[int, int]:
+        """(width, height) a picture of `size` trains at on this base, as training picks it."""
+        side = self.base.resolution
+        if not bucketing:
+            return side, side
+        return bucket_of(size, bucket_sizes(side, bucket_step(side, size_multiple(self.base.pipe))))
 
     def _preview(self, image) -> Path:
         """A small PNG of an ingested image, named by its content (the same picture is written once)."""

@@ -289,13 +289,15 @@ def test_caption_images_names_each_caption_and_its_source(studio, page, uploads)
     loose, archive = uploads
     rows, note = handlers.caption_images(studio, [*loose[:2], archive], "art of {trigger}")
     assert [row["name"] for row in rows] == ["loose0.png", "loose1.png", "more.zip/more/z3.png", "more.zip/more/z4.png"]
-    assert rows[2] == {"name": "more.zip/more/z3.png", "caption": "a blue star, zigzag style", "source": ".txt"}
+    assert rows[2] == {"name": "more.zip/more/z3.png", "caption": "a blue star, zigzag style", "source": ".txt",
+                       "bucket": "64x64"}
     source = _expected_source(studio)
     assert {row["source"] for i, row in enumerate(rows) if i != 2} == {source} and note
     if source == "template":  # shown as it is: {trigger} is filled in at training, with the trigger of that moment
         assert rows[0]["caption"] == "art of {trigger}"
     off, note = handlers.caption_images(studio, loose[:1], "art of {trigger}", auto_caption=False)
-    assert off == [{"name": "loose0.png", "caption": "art of {trigger}", "source": "template"}] and "off" in note
+    assert off == [{"name": "loose0.png", "caption": "art of {trigger}", "source": "template", "bucket": "64x64"}]
+    assert "off" in note
     with pytest.raises(gr.Error, match="notes.png: not an image"):
         bad = Path(loose[0]).with_name("notes.png")
         bad.write_text("<html>")
@@ -313,6 +315,16 @@ def test_the_caption_editor_shows_a_thumbnail_per_image(studio, page, uploads):
         assert Path(row["thumbnail"]).parent == studio.workspace / "previews"
         assert Image.open(row["thumbnail"]).size == (64, 64)  # the picture as it trains, at most 128 px
     assert handlers.show_captions(studio, page, [], None, None)[page.captions].empty
+
+
+def test_the_caption_editor_shows_the_size_each_picture_trains_at(studio, page, tmp_path):
+    """Issue 19: a 2:1 photo trains whole in the embedded model's 96x48 bucket; without bucketing, square."""
+    wide, tall = tmp_path / "wide.png", tmp_path / "tall.png"
+    Image.new("RGB", (300, 150), (200, 30, 30)).save(wide)
+    Image.new("RGB", (150, 250), (30, 30, 200)).save(tall)
+    for bucketing, expected in ((None, ["96x48", "48x80"]), ("False", ["64x64", "64x64"])):
+        table = handlers.show_captions(studio, page, [str(wide), str(tall)], None, "False", bucketing)[page.captions]
+        assert list(table["trains at"]) == expected
 
 
 def test_edited_captions_reach_the_jobs_images_folder(studio, page, uploads):
