@@ -9,13 +9,21 @@ Each is printed as a ratio to the base model's step time (a copy of the UNet tha
 layers). Then the time of a slider change: one apply() that restores the weights and fuses a new
 blend (and, for comparison, the unfused set_adapters call).
 
-    python -m bench.blend_speed                  # the embedded tiny model; about 30 s on one CPU thread
+Issue 20 adds per-block scales and step bands (styles/mix.py). A banded generation prepares one
+weight set per run of steps with the same styles on, once, and switches between them in diffusers'
+step callback by copying (Blender._prepare / Blender._write). Measured here with 4 styles (two
+"look only", one {"down": 0.5, "up": 1.2}, one on all blocks; one style on from 30 % of the steps,
+one until 60 %): each band's step against the base step (it runs fused weights, so the base's
+speed), the time of one band switch (the weight copy), and the time to prepare the band sets.
+
+    python -m bench.blend_speed                  # the embedded tiny model; about a minute on one CPU thread
     python -m bench.blend_speed --arch sd15      # a full-size SD 1.5 UNet, random weights, no download
     python -m bench.blend_speed --arch sd15 --latent 16 --rounds 6 --threads 2   # the same, in 3 minutes on 2 CPU cores
 
 The styles are random rank-16 LoRA adapters on to_q, to_k, to_v, to_out.0 (made here, not
 trained: speed does not depend on what they learned). Floors on a GPU: 4 styles blended
-<= 1.05x the base step; a slider change on SD 1.5 < 0.2 s.
+<= 1.05x the base step; a slider change on SD 1.5 < 0.2 s. Issue 20: 4 styles + blocks + 2 bands
+<= 1.05x the base step in every band; a band switch < 10 ms on the embedded model on the CPU.
 """
 
 from __future__ import annotations
@@ -31,13 +39,20 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from models.base import Base, choose_device_dtype, load_base
 from styles import formats
-from styles.blend import Blender
+from styles.blend import DEFAULT_STEPS, Blender
+from styles.generation import Ticket
 from styles.library import StyleLibrary
+from styles.mix import segments
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 RANK = 16
 SCALES = (0.8, -0.5, 0.6, 0.3)  # style i's scale: mixed signs, as sliders are
 STYLE_COUNTS = (0, 1, 2, 4)
+# Issue 20's banded blend of the 4 styles: per-block factors (B-LoRA, arXiv 2403.14572: the look lives in
+# the up blocks) and step bands (Multi-LoRA Composition, arXiv 2402.16843: content forms early, style late).
+BLOCKS = {"style0": "look only", "style1": "look only", "style2": {"down": 0.5, "up": 1.2}}
+BANDS = {"style0": [0.3, 1.0], "style1": [0.0, 0.6]}
+MIX_MODES = ("sum", "ties", "elect")
 
 # runwayml/stable-diffusion-v1-5 unet/config.json, written out so no download is needed.
 SD15_UNET = dict(
@@ -163,15 +178,41 @@ def main(argv: list[str] | None = None) -> None:
         def blend(count: int) -> dict[str, float]:
             return {name: SCALES[i] for i, name in enumerate(names[:count])}
 
+        # The banded blend, prepared once as generate() prepares it: _prepare fuses the first band and returns
+        # the step callback, which switches to the next band's prepared weights where one begins.
+        # _prepare takes the blend as generate() hands it over: checked (presets expanded, bands as tuples).
+        ticket = Ticket()
+        mix, blocks, bands, _ = blender.check_mix(blend(max(STYLE_COUNTS)), BLOCKS, BANDS)
+        prepare: dict[str, list[float]] = {mode: [] for mode in MIX_MODES}
+        for _ in range(3):
+            for mode in MIX_MODES:
+                with timed(device, prepare[mode]):
+                    switch = blender._prepare(mix, blocks, bands, mode, DEFAULT_STEPS, ticket)
+        switch = blender._prepare(mix, blocks, bands, "sum", DEFAULT_STEPS, ticket)
+        firsts = [first for first, _ in segments(BANDS, DEFAULT_STEPS)]
+
+        def band(first: int) -> None:
+            """The weights of the band that begins at step `first`, as the callback puts them there."""
+            switch(base.pipe, first - 1, None, {})
+            # The callback leaves the blend key unknown after it (as after a generation), so the next
+            # row's apply() fuses again: without this the "0 styles" row could run on band weights.
+            blender._fused = None
+
         # Rows are timed in interleaved rounds, so that load from other processes falls on all alike.
         rows = [("base", None, 0)] + [(mode, fuse, n) for n in STYLE_COUNTS
                                       for mode, fuse in (("fused", True), ("unfused", False))]
+        rows += [("band", True, first) for first in firsts]
         times: dict[tuple, list[float]] = {row: [] for row in rows}
         for _ in range(rounds):
             for row in rows:
                 mode, fuse, n = row
                 model = pristine
-                if fuse is not None:
+                if mode == "band":
+                    blender.fuse = True
+                    blender.apply({})  # a fused blend: peft's wrappers out of the UNet, as a banded generation runs
+                    band(n)
+                    model = unet
+                elif fuse is not None:
                     blender.fuse = fuse
                     blender.apply(blend(n))
                     model = unet
@@ -214,6 +255,31 @@ def main(argv: list[str] | None = None) -> None:
             blender.apply(blend(max(STYLE_COUNTS)))
             with timed(device, restore):
                 blender.apply({})
+
+        # A band switch: the callback at a band's first step, one copy of the prepared weights (Blender._write).
+        # Timed going round the bands in the order a generation meets them, then back to the first.
+        switches: list[float] = []
+        blender.apply({})
+        band(firsts[0])
+        for _ in range(changes):
+            for first in firsts[1:] + firsts[:1]:
+                with timed(device, switches):
+                    switch(base.pipe, first - 1, None, {})
+        blender._fused = None
+        band_layers = len(blender._dirty)
+
+        # Does a band run the blend it stands for? One step on its prepared weights against apply() of the same
+        # styles and blocks (fused afresh): the two should agree to the last bit.
+        band_differences = {}
+        for first, on in segments(BANDS, DEFAULT_STEPS):
+            on = on | (set(names) - set(BANDS))
+            blender.apply({})
+            band(first)
+            banded = unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample
+            # In the blend's own order: the fp32 sum is then formed in the same order, so equal means bit-equal.
+            blender.apply({n: s for n, s in mix.items() if n in on}, {n: b for n, b in BLOCKS.items() if n in on})
+            fresh = unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample
+            band_differences[first] = (banded - fresh).abs().max().item()
         kept_mb, kept_layers = blender.kept_bytes() / 2**20, len(blender._originals)
 
     # -- report ------------------------------------------------------------------------------
@@ -243,6 +309,27 @@ def main(argv: list[str] | None = None) -> None:
     fused4 = step[("fused", True, max(STYLE_COUNTS))] / base_step
     print(f"floor, {max(STYLE_COUNTS)} styles fused <= 1.05x base step: "
           f"{'met' if fused4 <= 1.05 else 'NOT met'} ({fused4:.3f}x)")
+    print()
+    plan = segments(BANDS, DEFAULT_STEPS)
+    print(f"4 styles + blocks + 2 bands ({DEFAULT_STEPS} steps; blocks {BLOCKS}; bands {BANDS}):")
+    print("| band (steps) | styles on | step | step / base | max abs diff of one step, band vs apply() |")
+    print("|---|---|---|---|---|")
+    ends = [first for first, _ in plan[1:]] + [DEFAULT_STEPS]
+    for (first, on), end in zip(plan, ends):
+        on = sorted(on | (set(names) - set(BANDS)))
+        print(f"| {first}-{end - 1} | {', '.join(on)} | {step[('band', True, first)] * 1000:.1f} ms "
+              f"| {step[('band', True, first)] / base_step:.3f}x | {band_differences[first]:.1e} |")
+    print(f"band switch (the weight copy, {band_layers} parameters): fastest {min(switches) * 1000:.2f} ms, "
+          f"median {sorted(switches)[len(switches) // 2] * 1000:.2f} ms of {len(switches)}")
+    print("preparing the band sets once (fastest of 3): "
+          + ", ".join(f"{mode} {min(samples) * 1000:.0f} ms" for mode, samples in prepare.items()))
+    banded = max(step[("band", True, first)] for first in firsts) / base_step
+    print(f"floor, 4 styles + blocks + 2 bands <= 1.05x base step: {'met' if banded <= 1.05 else 'NOT met'} "
+          f"({banded:.3f}x, the slowest band)")
+    if device.type == "cpu" and not big:
+        print(f"floor, switch < 10 ms: {'met' if min(switches) < 0.010 else 'NOT met'} ({min(switches) * 1000:.2f} ms)")
+    else:
+        print(f"band switch: {min(switches) * 1000:.2f} ms (the < 10 ms floor is for the embedded model on the CPU)")
     if args.arch == "sd15":
         slider = max(min(change[(True, n)]) for n in STYLE_COUNTS[1:])
         print(f"floor, slider change on SD 1.5 < 0.2 s: {'met' if slider < 0.2 else 'NOT met'} "
