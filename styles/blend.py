@@ -18,6 +18,7 @@ encoders, read by styles/patches.py as ComfyUI reads it. A style at scale s adds
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -37,12 +38,16 @@ from models.base import Base
 from styles import formats, generation
 from styles.generation import GenerationCancelled, GenerationLine, Ticket
 from styles.library import StyleInfo, StyleLibrary
+from styles.merge import concatenated, low_rank
+from styles.mix import block_factor, check_band, check_blocks, check_mode, merge, segments
 from styles.patches import Patch
 from styles.updates import Update
 
 SCALE_RANGE = (-2.0, 2.0)
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
+MAX_SAVED_RANK = 512  # a saved blend re-ranked by SVD: what imports accept
+DEFAULT_STRENGTH = 0.6  # image to image: how much of the start picture is redrawn
 
 
 class Blender:
@@ -78,7 +83,8 @@ class Blender:
         # before the layer is first fused, never written to, so restoring is one exact copy.
         self._originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         self._dirty: set[str] = set()  # layers whose weight holds a blend right now
-        self._fused: dict[str, float] | None = None  # the blend in the weights ({}: none); None: not known
+        self._fused: tuple | None = None  # the blend in the weights (_blend_key); None: not known
+        self._restyler = None  # the image-to-image pipeline over the base's components, made when first asked
 
     def normalise(self, scales: dict[str, float] | None) -> dict[str, float]:
         """Check names and values; raise ValueError listing the available styles. Touches nothing."""
@@ -104,29 +110,63 @@ class Blender:
             result[name] = value
         return result
 
-    def apply(self, scales: dict[str, float] | None) -> dict[str, float]:
-        """Make exactly these styles active at these scales; return the active (non-zero) ones.
+    def check_mix(self, scales, blocks=None, bands=None, mode=None
+                  ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, tuple[float, float]], str]:
+        """(active scales, block factors, step bands, mode) of a blend, checked (styles/mix.py) and kept for the
+        active styles only; ValueError naming what is wrong. Touches nothing."""
+        active = {name: s for name, s in self.normalise(scales).items() if s != 0}
+        blocks = {name: b for name, b in self._per_style(blocks, "Blocks", check_blocks, active).items() if b}
+        bands = {name: b for name, b in self._per_style(bands, "Steps", check_band, active).items() if b != (0, 1)}
+        mode = check_mode(mode)
+        if not self.fuse and (blocks or bands or mode != "sum"):
+            raise ValueError("Block strengths, step bands and blend modes need the fused blend (fuse=True).")
+        return active, blocks, bands, mode
+
+    def apply(self, scales: dict[str, float] | None, blocks: dict | None = None, mode: str | None = None
+              ) -> dict[str, float]:
+        """Make exactly these styles active at these scales (and block factors, combined by `mode`: styles/mix.py);
+        return the active (non-zero) ones.
 
         Fused mode costs one weight rewrite per change of scales; the same scales again write nothing.
         """
-        active = {name: s for name, s in self.normalise(scales).items() if s != 0}
+        active, blocks, _, mode = self.check_mix(scales, blocks, None, mode)
         with self._lock:
             if self.fuse:
-                self._apply_fused(active)
+                self._apply_fused(active, blocks, mode)
             else:
                 self._apply_unfused(active)
         return active
 
-    def _apply_fused(self, active: dict[str, float]) -> None:
+    def _apply_fused(self, active: dict[str, float], blocks: dict, mode: str) -> None:
         changed = self._read_patches(active)  # validates too, before anything changes
-        if active == self._fused and not changed:
+        key = _blend_key(active, blocks, mode)
+        if key == self._fused and not changed:
             return  # the blend is in the weights already
-        self._restore()  # base weights back first, so nothing reloads or hashes a blended UNet
-        if self._loaded:  # peft's layers from an unfused blend out: fused steps run the plain layers
+        self._take_over()
+        if active:
+            self._fuse(active, blocks, mode)
+        self._fused = key
+
+    def _take_over(self) -> None:
+        """Base weights back first, so nothing reloads or hashes a blended UNet; peft's layers from an unfused
+        blend out, so fused steps run the plain layers."""
+        self._restore()
+        if self._loaded:
             self.base.pipe.unload_lora_weights()
             self._loaded.clear()
-        if active:
-            self._fuse(active)
+
+    def _per_style(self, value, what: str, check, active: dict[str, float]) -> dict:
+        """{style: checked setting} from a {style: setting} table; a style not in the blend is refused by name."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{what} is {brief(value)}: send a table of style names and settings, "
+                             '{"style name": setting}.')
+        unknown = sorted(brief(name, quote=False) for name in value if name not in active)
+        if unknown:
+            raise ValueError(f"{what} names style(s) not in the blend: {', '.join(unknown)}. "
+                             f"Styles in it: {', '.join(active) or 'none'}.")
+        return {name: check(setting, name) for name, setting in value.items()}
 
     def _apply_unfused(self, active: dict[str, float]) -> None:
         pipe = self.base.pipe
@@ -154,34 +194,50 @@ class Blender:
         num_images: int = 1,
         add_triggers: bool = True,
         ticket: Ticket | None = None,
+        blocks: dict | None = None,
+        bands: dict | None = None,
+        mode: str | None = None,
+        image: Image.Image | None = None,
+        strength: float = DEFAULT_STRENGTH,
     ) -> list[Image.Image]:
         """Images for a prompt with the given styles blended in; each carries its recipe in .info.
 
         With `add_triggers`, the trigger word of every style with a non-zero scale is added to the
         prompt (styles are trained with it in their captions); the recipe records the prompt used.
+        `blocks`, `bands` and `mode` shape the blend (styles/mix.py): {style: preset or {block: factor}},
+        {style: [start, end]} as fractions of the steps, "sum" | "ties" | "elect". With a start `image`, the
+        picture is restyled (image to image, `strength` 0..1: how much of it is redrawn), as diffusers'
+        img2img pipelines do, with the same components and the same fused blend.
         Every value is checked first (check_options; seed -1 draws a random one). The generation waits
         its turn in `line`; cancelling its `ticket` stops it there or at the next denoising step.
         """
         options = self.check_options(prompt, negative_prompt, seed, steps, guidance, width, height, num_images)
         prompt, seed, steps, width, height = (options[key] for key in ("prompt", "seed", "steps", "width", "height"))
         negative_prompt, guidance = options["negative_prompt"], options["guidance"]
+        active, blocks, bands, mode = self.check_mix(styles, blocks, bands, mode)
+        if image is not None:
+            strength = generation.number(strength, "Strength", 0.01, 1.0)
+            image = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
         ticket = ticket or Ticket()
         with self.line.turn(ticket), self._lock:
             try:
-                active = self.apply(styles)  # fusing a blend needs memory too
+                run_steps = max(1, int(steps * strength)) if image is not None else steps  # what img2img runs
+                on_step_end = self._prepare(active, blocks, bands, mode, run_steps, ticket)  # needs memory too
                 if add_triggers:
                     prompt = self.prompt_with_triggers(prompt, active)
-                ticket.step, ticket.steps = 0, steps
-                images = self.base.pipe(
+                ticket.step, ticket.steps = 0, run_steps
+                pipe, extra = self.base.pipe, {"width": width, "height": height}
+                if image is not None:
+                    pipe, extra = self._img2img(), {"image": image, "strength": strength}
+                images = pipe(
                     prompt,
                     negative_prompt=negative_prompt or None,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
-                    width=width,
-                    height=height,
                     num_images_per_prompt=options["num_images"],
                     generator=torch.Generator().manual_seed(seed),
-                    callback_on_step_end=ticket.stop_at_next_step,
+                    callback_on_step_end=on_step_end,
+                    **extra,
                 ).images
             except torch.OutOfMemoryError:
                 # The GPU is shared with a training job (a separate process): say so, free what we hold, keep serving.
@@ -203,6 +259,13 @@ class Blender:
             "styles": active,
             "base_model": self.base.model_id,
         }
+        # The blend's shape beyond the scales, only where it has one: older recipes stay as they were.
+        recipe |= {key: value for key, value in (("blocks", blocks), ("bands", bands)) if value}
+        if mode != "sum":
+            recipe["mode"] = mode
+        if image is not None:
+            recipe["image_sha256"] = hashlib.sha256(image.tobytes()).hexdigest()
+            recipe["strength"] = strength
         for image in images:
             image.info["style_studio"] = json.dumps(recipe, sort_keys=True)
             image.info["parameters"] = a1111_parameters(recipe)
@@ -264,6 +327,85 @@ class Blender:
             return sum(original.numel() * original.element_size() for _, original in self._originals.values())
 
     # -- helpers ------------------------------------------------------------------------
+    @torch.no_grad()
+    def blend_as_adapter(self, scales, blocks=None, mode=None, rank: int = 0) -> tuple[Patch, dict]:
+        """The blend (scales, block factors, mode) as one adapter: a Patch of LoRA parts per layer, exact for rank 0
+        (styles/merge.py: factors concatenated, or the update as a full difference where it is not a plain LoRA sum),
+        else each layer's update re-ranked by SVD to `rank`; and a report {"rank", "error", "layers": {layer:
+        relative error}} (errors 0 when exact). Step bands are a generation setting and are not saved."""
+        active, blocks, _, mode = self.check_mix(scales, blocks, None, mode)
+        if not active:
+            raise ValueError("The blend is empty: move a style's slider off 0 before saving it.")
+        rank = generation.whole(rank, "Rank", 0, MAX_SAVED_RANK, f"0 (exact) or a rank from 1 to {MAX_SAVED_RANK}")
+        with self._lock:
+            self._read_patches(active)
+            updates, errors, squared = {}, {}, [0.0, 0.0]
+            for layer, contributions in self._contributions(active, blocks).items():
+                module = self._module(layer)
+                original = self._originals.get(f"{layer}.weight", (None, module.weight))[1]
+                exact = concatenated(contributions) if mode == "sum" or len(contributions) == 1 else None
+                if rank == 0 and exact is not None:
+                    updates[layer] = Update(layer, {name: t.cpu() for name, t in exact.items()})
+                    continue
+                delta = _blended_weight(original, contributions, mode) - original.float()
+                if rank == 0:
+                    updates[layer] = Update(layer, {"diff": delta.cpu()})
+                    continue
+                parts, error, norm = low_rank(delta, rank)
+                updates[layer] = Update(layer, {name: t.cpu() for name, t in parts.items()})
+                errors[layer] = (error / norm) ** 0.5 if norm else 0.0
+                squared[0], squared[1] = squared[0] + error, squared[1] + norm
+        total = (squared[0] / squared[1]) ** 0.5 if squared[1] else 0.0
+        return Patch(updates, {}, "blend"), {"rank": rank, "error": total, "layers": errors}
+
+    def _contributions(self, active: dict[str, float], blocks: dict) -> dict[str, list[tuple[float, Update]]]:
+        """{layer: [(scale x block factor, update) of each active style that changes it]}."""
+        layers: dict[str, list[tuple[float, Update]]] = {}
+        for name, scale in active.items():
+            for layer, update in self._patches[name][1].items():
+                factor = scale * block_factor(layer, blocks.get(name, {}))
+                if factor:
+                    layers.setdefault(layer, []).append((factor, update))
+        return layers
+
+    def _prepare(self, active: dict[str, float], blocks: dict, bands: dict, mode: str, steps: int, ticket: Ticket):
+        """Put the blend of the first step in the weights; the diffusers step callback that switches to the next
+        band's blend where one begins (weights prepared here, once: a switch is a copy) and stops the
+        generation when its ticket is cancelled."""
+        plan = segments(bands, steps) if bands else [(0, frozenset(active))]
+        if len(plan) == 1:  # one blend for every step: fused once, kept for the next generation
+            on = plan[0][1] | (frozenset(active) - frozenset(bands))
+            self.apply({n: active[n] for n in active if n in on}, {n: b for n, b in blocks.items() if n in on}, mode)
+            return ticket.stop_at_next_step
+        always = frozenset(active) - frozenset(bands)
+        self._read_patches(active)
+        self._take_over()
+        self.base.claim(self, "a Blender")
+        try:
+            blends = {first: self._values({n: active[n] for n in active if n in on | always}, blocks, mode)
+                      for first, on in plan}
+            self._write(blends[0])
+        except BaseException:
+            self._restore()
+            raise
+        self._fused = None  # several blends: the next apply fuses again
+
+        def on_step_end(pipe, index, timestep, kwargs):
+            if index + 1 in blends:
+                self._write(blends[index + 1])
+            return ticket.stop_at_next_step(pipe, index, timestep, kwargs)
+
+        return on_step_end
+
+    def _img2img(self):
+        """The image-to-image pipeline of the base's own components (the fused blend in them), made once."""
+        if self._restyler is None:
+            from diffusers import AutoPipelineForImage2Image
+
+            self._restyler = AutoPipelineForImage2Image.from_pipe(self.base.pipe)
+            self._restyler.set_progress_bar_config(disable=True)
+        return self._restyler
+
     def _check_style(self, name: str) -> tuple[StyleInfo, Patch]:
         """A style's file read and checked against the base (a file put into the library by hand is data like
         any import); ValueError for a style of another family or a file that does not fit."""
@@ -328,8 +470,8 @@ class Blender:
             self._loaded[name] = info.mtime
 
     @torch.no_grad()
-    def _fuse(self, active: dict[str, float]) -> None:
-        """Write base + the weighted sum of the active styles' updates into every layer they change.
+    def _fuse(self, active: dict[str, float], blocks: dict[str, dict[str, float]], mode: str) -> None:
+        """Write base + the active styles' combined updates into every layer they change.
 
         Not pipe.fuse_lora: peft's merge adds one style at a time in the weights' dtype, so in
         bf16/fp16 the weight is rounded once per style (a delta under half a unit in the last place
@@ -339,25 +481,38 @@ class Blender:
         original and rounded once; going back is a copy.
         """
         self.base.claim(self, "a Blender")  # from the first fuse until lend_base()
-        layers: dict[str, list[tuple[float, Update]]] = {}
-        for name, scale in active.items():
-            for layer, update in self._patches[name][1].items():
-                layers.setdefault(layer, []).append((scale, update))
         try:
-            for layer, contributions in layers.items():
-                module = self._module(layer)
-                original = self._original(f"{layer}.weight", module.weight)
-                module.weight.copy_(_blended_weight(original, contributions))  # the one rounding
-                self._dirty.add(f"{layer}.weight")
-                biases = [(scale, u.bias_delta()) for scale, u in contributions if u.bias_delta() is not None]
-                if biases:
-                    original = self._original(f"{layer}.bias", module.bias)
-                    module.bias.copy_(original.float() + sum(scale * delta for scale, delta in biases))
-                    self._dirty.add(f"{layer}.bias")
+            self._write(self._values(active, blocks, mode))
         except BaseException:
             self._restore()  # half a blend is worse than none: leave the base model
             raise
-        self._fused = dict(active)
+
+    @torch.no_grad()
+    def _values(self, active: dict[str, float], blocks: dict[str, dict[str, float]], mode: str
+                ) -> dict[str, torch.Tensor]:
+        """{parameter name: its blended value} for every weight (and bias) the active styles change: each
+        style's update times its scale and its block factor there (styles/mix.py), combined by `mode`."""
+        values = {}
+        for layer, contributions in self._contributions(active, blocks).items():
+            module = self._module(layer)
+            original = self._original(f"{layer}.weight", module.weight)
+            values[f"{layer}.weight"] = _blended_weight(original, contributions, mode)
+            biases = [(scale, u.bias_delta()) for scale, u in contributions if u.bias_delta() is not None]
+            if biases:
+                original = self._original(f"{layer}.bias", module.bias)
+                values[f"{layer}.bias"] = original.float() + sum(scale * delta for scale, delta in biases)
+        return values
+
+    @torch.no_grad()
+    def _write(self, values: dict[str, torch.Tensor]) -> None:
+        """Put these values into their parameters (each rounded once to the weight's dtype) and the originals back
+        into every other parameter that holds a blend: one step's weights, from one blend to another."""
+        for name in self._dirty - values.keys():
+            parameter, original = self._originals[name]
+            parameter.copy_(original)
+        for name, value in values.items():
+            self._originals[name][0].copy_(value)
+        self._dirty = set(values)
 
     def _module(self, layer: str) -> torch.nn.Module:
         """The pipeline's module of a layer ("unet.<path>"), peft's wrapper seen through."""
@@ -382,7 +537,7 @@ class Blender:
             parameter, original = self._originals[name]
             parameter.copy_(original)
         self._dirty.clear()
-        self._fused = {} if self.fuse else None
+        self._fused = _blend_key({}, {}, "sum") if self.fuse else None
 
     def _check_size(self, value, name: str) -> int:
         """A width or height: 0 (or empty) for the native side, else a multiple of what the UNet divides by."""
@@ -411,13 +566,22 @@ def _diffusers_quiet() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
-def _blended_weight(original: torch.Tensor, contributions: list[tuple[float, Update]]) -> torch.Tensor:
-    """original + sum of scale * delta over the styles that change this layer, in fp32.
+def _blend_key(active: dict[str, float], blocks: dict, mode: str) -> tuple:
+    """What a fused blend is, comparable: the same key again writes nothing."""
+    return json.dumps([active, blocks, mode], sort_keys=True), mode
 
-    Plain LoRA updates (all our own styles hold) are stacked along the rank, with each scale folded into
-    its B, so one fp32 addmm forms their whole sum with no weight-sized temporary per style (4 styles
-    on SD 1.5: 155 ms instead of 272 on 2 CPU cores). Other kinds add their full delta.
+
+def _blended_weight(original: torch.Tensor, contributions: list[tuple[float, Update]], mode: str = "sum"
+                    ) -> torch.Tensor:
+    """original + the styles' scaled updates of this layer combined by `mode` (styles/mix.merge), in fp32.
+
+    For a sum, plain LoRA updates (all our own styles hold) are stacked along the rank, with each scale folded
+    into its B, so one fp32 addmm forms their whole sum with no weight-sized temporary per style (4 styles
+    on SD 1.5: 155 ms instead of 272 on 2 CPU cores). Other kinds add their full delta; other modes need
+    every style's full delta, to compare them weight by weight.
     """
+    if mode != "sum" and len(contributions) > 1:
+        return original.float() + merge([scale * u.delta(original) for scale, u in contributions], mode)
     result = original.float()
     low_rank = [(scale, factors) for scale, u in contributions if (factors := u.low_rank()) is not None]
     if low_rank:

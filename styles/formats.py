@@ -139,6 +139,14 @@ def read_adapter(path: str | Path, layout: Layout) -> Patch:
     return read_patch(path, layout, metadata)
 
 
+def patch_style(patch: Patch, info: dict[str, str], family: str, layout: Layout) -> ImportedStyle:
+    """A style made here from layer updates (a saved blend, issue 20): the kohya layout, as imports are kept."""
+    ranks = sorted({u.rank for u in patch.updates.values() if u.rank is not None})
+    info = {"config": json.dumps({"rank": ranks[-1] if ranks else None}), "family": family,
+            "holds": patch.summary(), **info}
+    return ImportedStyle(kohya_tensors(patch, family, layout), {OUR_PREFIX + k: v for k, v in info.items()})
+
+
 def import_style(path: str | Path, layout: Layout, family: str) -> tuple[ImportedStyle, list[str]]:
     """An adapter made elsewhere as a style of a `family` base, checked against its `layout`, with notes on what
     it holds and what was assumed. Every part is kept; a file we exported keeps the record of how it was made.

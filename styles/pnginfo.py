@@ -27,7 +27,8 @@ MAX_TEXT = 100_000  # characters of a text chunk read; a recipe is far smaller
 
 def read_recipe(path: str | Path) -> dict:
     """The recipe of a picture: prompt, negative_prompt, seed, steps, guidance, width, height, styles
-    ({name: scale}); keys the picture does not record are left out. ValueError when it records none."""
+    ({name: scale}) and, where the blend had them, blocks, bands, mode (and strength and image_sha256 for a
+    restyled picture); keys the picture does not record are left out. ValueError when it records none."""
     try:
         with Image.open(path) as image:
             chunks = {key: value for key, value in getattr(image, "text", {}).items() if isinstance(value, str)}
@@ -40,7 +41,8 @@ def read_recipe(path: str | Path) -> dict:
         except ValueError:
             recipe = None
         if isinstance(recipe, dict) and "grid" not in recipe:
-            keys = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "styles")
+            keys = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "styles",
+                    "blocks", "bands", "mode", "strength", "image_sha256")  # the blend's shape and restyling (issue 20)
             return {key: recipe[key] for key in keys if key in recipe}
     if chunks.get("parameters"):
         return recipe_from_parameters(chunks["parameters"][:MAX_TEXT])
