@@ -47,7 +47,10 @@ def block_keys(layer: str) -> tuple[str, ...]:
 
 
 def block_factor(layer: str, blocks: dict[str, float]) -> float:
-    """The factor a style's scale is multiplied by on `layer` (1 where `blocks` says nothing)."""
+    """The factor a style's scale is multiplied by on `layer` (1 where `blocks` says nothing). `blocks` is
+    check_blocks' table: a preset's name would be searched as text, and silently say nothing."""
+    if not isinstance(blocks, dict):
+        raise TypeError(f"blocks must be a {{block: factor}} table from check_blocks, not {blocks!r}")
     return next((blocks[key] for key in block_keys(layer) if key in blocks), 1.0)
 
 
