@@ -23,9 +23,10 @@ import pandas as pd
 
 from app.studio import Studio, best_validation, describe, validation_line
 from embedded.examples import EXAMPLES
-from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
 from styles.generation import GenerationCancelled
 from styles.grid import DEFAULT_SCALES, DEFAULT_SEEDS
+from styles.mix import BLOCK_PRESETS
 from styles.pnginfo import read_recipe
 from trainer.config import DEFAULT_CAPTION_TEMPLATE, DEFAULT_PRESET, config_fields, make_config
 
@@ -528,16 +529,20 @@ def discard_job(studio: Studio, job_id):
 # -- generation -------------------------------------------------------------------------------------
 @user_errors
 def generate(studio: Studio, page, prompt, negative_prompt=None, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
-             width=0, height=0, styles=None, add_triggers=True, owner=""):
+             width=0, height=0, styles=None, add_triggers=True, owner="", blocks=None, bands=None, mode=None,
+             image=None, strength=DEFAULT_STRENGTH):
     """Generate images with styles blended at the given scales, e.g. styles={"ink": 0.8}.
 
     With add_triggers (the default), the trigger word of each style in use is added to the prompt. Seed -1 (any
     negative seed) draws a random seed; the line under the picture names the seed used. Generations take turns;
-    /cancel_generation stops this client's, /generation_queue says where it stands.
+    /cancel_generation stops this client's, /generation_queue says where it stands. The blend's shape:
+    blocks={"ink": "look only"} or {"ink": {"down": 0, "up": 1}}, bands={"ink": [0.3, 1]} (on from 30 % of the
+    steps), mode "sum" | "ties" | "elect". `image`: a start picture to restyle, `strength` 0..1 how much is redrawn.
     """
     seed = random_seed(seed)
     try:
-        result = studio.generate(prompt, styles=styles or {}, owner=owner,
+        result = studio.generate(prompt, styles=styles or {}, owner=owner, blocks=blocks or None, bands=bands or None,
+                                 mode=mode or None, image=image or None, strength=strength,
                                  **_options(negative_prompt, seed, steps, guidance, width, height, add_triggers))
     except GenerationCancelled as stopped:  # the user's own Stop: said as news, not as an error; the picture stays
         return {page.info: f"{stopped} Nothing was saved."}
@@ -545,6 +550,137 @@ def generate(studio: Studio, page, prompt, negative_prompt=None, seed=0, steps=D
     notes = "".join(f"\n\n⚠ {w}" for w in result.warnings)
     return {page.gallery: [str(p) for p in result.paths], page.last_seed: result.seed,
             page.info: f"Seed {result.seed} · styles: {blend} · prompt used: `{result.prompt}`{notes}"}
+
+
+BLEND_COLUMNS = ["style", "blocks", "from %", "to %"]  # the blend table: per style, block strengths and step band
+
+
+def blend_table(names: list[str], blocks: dict | None = None, bands: dict | None = None) -> pd.DataFrame:
+    """The blend table's rows: each style's block setting (a preset or "down=0, up=1") and step band in %."""
+    rows = []
+    for name in names:
+        setting = (blocks or {}).get(name, "all")
+        if isinstance(setting, dict):
+            setting = ", ".join(f"{key}={value:g}" for key, value in setting.items()) or "all"
+        start, end = (bands or {}).get(name, (0, 1))
+        rows.append([name, setting, round(100 * start), round(100 * end)])
+    return pd.DataFrame(rows, columns=BLEND_COLUMNS)
+
+
+def blend_rows(names, table):
+    """The blend table for the library's styles now: a style's row kept as edited, new styles' rows added."""
+    blocks, bands = blend_settings_lenient(table)
+    return blend_table(list(names or []), blocks, bands)
+
+
+def blend_settings_lenient(table) -> tuple[dict, dict]:
+    """blend_settings, with rows that do not parse left at their defaults (the table is being redrawn)."""
+    rows = table.to_dict(orient="records") if isinstance(table, pd.DataFrame) else list(table or [])
+    blocks, bands = {}, {}
+    for row in rows:
+        try:
+            more_blocks, more_bands = blend_settings([row])
+        except ValueError:
+            continue
+        blocks |= more_blocks
+        bands |= {name: tuple(band) for name, band in more_bands.items()}
+    return blocks, bands
+
+
+def blend_settings(table) -> tuple[dict, dict]:
+    """(blocks, bands) from the blend table; rows left at "all" and 0-100 % say nothing. ValueError names a cell
+    that is not a preset, "block=factor" pairs, or a percentage."""
+    rows = table.to_dict(orient="records") if isinstance(table, pd.DataFrame) else list(table or [])
+    blocks, bands = {}, {}
+    for row in rows:
+        name = str(row.get("style") or "").strip()
+        if not name:
+            continue
+        setting = str(row.get("blocks") or "all").strip()
+        if setting != "all":
+            blocks[name] = setting if setting in BLOCK_PRESETS else _block_pairs(setting, name)
+        try:
+            start, end = float(row.get("from %") or 0) / 100, float(row.get("to %") if row.get("to %") not in
+                                                                    (None, "") else 100) / 100
+        except (TypeError, ValueError):
+            raise ValueError(f"The step band of {name!r} is not a percentage: use from 0 to 100.") from None
+        if (start, end) != (0, 1):
+            bands[name] = [start, end]
+    return blocks, bands
+
+
+def _block_pairs(text: str, name: str) -> dict:
+    pairs = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        try:
+            pairs[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"Blocks of {name!r} is {text!r}: use a preset ({', '.join(BLOCK_PRESETS)}) or "
+                             "pairs such as 'down=0, mid=0.5, up=1, up.1=1.2'.")
+    return pairs
+
+
+def _mix(blend, table, mode) -> dict:
+    blocks, bands = blend_settings(table)
+    styles = {name: scale for name, scale in (blend or {}).items() if scale}
+    return {"styles": styles, "blocks": {n: b for n, b in blocks.items() if n in styles},
+            "bands": {n: b for n, b in bands.items() if n in styles}, "mode": mode or "sum"}
+
+
+@user_errors
+def generate_form(studio: Studio, page, prompt, negative_prompt, seed, steps, guidance, width, height, blend,
+                  add_triggers, owner, table, mode, image, strength):
+    """The Generate button: the form's blend table read into blocks and bands (the API takes them as JSON)."""
+    mix = _mix(blend, table, mode)
+    return generate.__wrapped__(studio, page, prompt, negative_prompt, seed, steps, guidance, width, height, blend,
+                                add_triggers, owner, mix["blocks"], mix["bands"], mix["mode"], image, strength)
+
+
+@user_errors
+def save_blend(studio: Studio, name, styles=None, blocks=None, mode=None, rank=0):
+    """Save the blend as a style of its own: exact (rank 0: the styles' factors side by side) or re-ranked by SVD
+    to `rank`, with the error it costs. It exports and loads like any style."""
+    saved, report = studio.save_blend(name, styles or {}, blocks or None, mode or None, rank or 0)
+    if not report["rank"]:
+        return f"Saved the blend as style **{saved}** (exact)."
+    worst = max(report["layers"].items(), key=lambda item: item[1], default=("", 0.0))
+    return (f"Saved the blend as style **{saved}** at rank {report['rank']}: relative error "
+            f"{100 * report['error']:.1f} % overall, {100 * worst[1]:.1f} % at most ({worst[0]}).")
+
+
+@user_errors
+def save_blend_form(studio: Studio, name, blend, table, mode, rank):
+    mix = _mix(blend, table, mode)
+    return save_blend.__wrapped__(studio, name, mix["styles"], mix["blocks"], mix["mode"], rank)
+
+
+@user_errors
+def save_mix(studio: Studio, name, blend, table, mode):
+    """Keep the blend (scales, blocks, steps, mode) under a name, to load it again from the Generate tab."""
+    studio.save_mix((name or "").strip(), _mix(blend, table, mode))
+    return gr.update(choices=studio.mixes(), value=(name or "").strip()), f"Saved blend **{name.strip()}**."
+
+
+@user_errors
+def load_mix(studio: Studio, page, name):
+    """A named blend into the form: sliders, blend table and mode."""
+    mix = studio.load_mix(name)
+    return _mix_update(studio, page, mix, f"Loaded blend **{name}**.")
+
+
+def _mix_update(studio: Studio, page, mix: dict, message: str) -> dict:
+    names = studio.library.names()
+    scales = {name: float(scale) for name, scale in (mix.get("styles") or {}).items()}
+    blend = {name: scales.get(name, 0.0) for name in names}
+    missing = sorted(set(scales) - set(names))
+    return {page.blend: blend, page.slider_values: blend, page.allow_negative: any(v < 0 for v in blend.values()),
+            page.blend_table: blend_table(names, mix.get("blocks"), mix.get("bands")),
+            page.info: message + (f" ⚠ Not in the library (left out): {', '.join(missing)}." if missing else "")
+            + (f" ⚠ It was blended with mode {mix['mode']!r}, which only the API offers; the page adds the styles."
+               if mix.get("mode") not in (None, "sum") else "")}
 
 
 def new_owner() -> str:
@@ -603,13 +739,7 @@ def png_info(studio: Studio, page, path):
     if not path:
         return gr.skip()
     recipe = read_recipe(path)
-    scales = {name: float(scale) for name, scale in (recipe.get("styles") or {}).items()}
-    names = studio.library.names()
-    blend = {name: scales.get(name, 0.0) for name in names}
-    missing = sorted(set(scales) - set(names))
-    update = {page.blend: blend, page.slider_values: blend, page.allow_negative: any(v < 0 for v in blend.values()),
-              page.info: f"Filled the form from **{Path(path).name}**." + (
-                  f" ⚠ Not in the library (left out): {', '.join(missing)}." if missing else "")}
+    update = _mix_update(studio, page, recipe, f"Filled the form from **{Path(path).name}**.")
     fields = {"prompt": page.prompt, "negative_prompt": page.negative, "seed": page.seed, "steps": page.steps,
               "guidance": page.guidance, "width": page.width, "height": page.height}
     update.update({fields[key]: recipe[key] for key in fields if recipe.get(key) not in (None, "", 0)})

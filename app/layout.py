@@ -26,7 +26,7 @@ from app.handlers import (
 )
 from app.studio import Studio
 from embedded.examples import EXAMPLES
-from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from styles.blend import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
 from trainer.config import DEFAULT_CAPTION_TEMPLATE, DEFAULT_PRESET, PRESETS
 from trainer.data import MB
 
@@ -270,6 +270,7 @@ def _generate_tab(page: Page, studio: Studio) -> None:
             _style_sliders(page, studio)
             page.add_triggers = gr.Checkbox(value=True,
                                             label="Add the trigger words of the styles in use to the prompt")
+            _blend_form(page, studio)
             page.png_info = gr.File(label="PNG info: drop a picture made here (or in AUTOMATIC1111) to fill the form "
                                           "with its recipe", type="filepath", height=150, elem_id="png-info")
         with gr.Column(scale=1):
@@ -278,6 +279,11 @@ def _generate_tab(page: Page, studio: Studio) -> None:
                 page.stop_generation = gr.Button("Stop", variant="stop", scale=1, min_width=80)
             page.generation_status = gr.Markdown(elem_id="generation-status")  # place in line, step of steps
             page.api_queue = gr.Button(visible=False)  # API only: where this client's generation stands
+            # API only: /generate and /save_blend with blocks and bands as JSON ({style: setting})
+            page.api_generate, page.api_save_blend = gr.Button(visible=False), gr.Button(visible=False)
+            page.api_blocks = gr.JSON(value=None, visible=False, label="blocks")
+            page.api_bands = gr.JSON(value=None, visible=False, label="bands")
+            page.api_mode = gr.Textbox(value="sum", visible=False, label="mode")  # sum | ties | elect (styles/mix)
             page.info = gr.Markdown(label="Info")
             page.gallery = _gallery("Output", 1, "tiles big", format="png", height=_tiles_height(512))
     page.last_seed = gr.State(None)  # the seed of the last picture: what "Reuse last seed" puts back
@@ -285,6 +291,35 @@ def _generate_tab(page: Page, studio: Studio) -> None:
     page.owner = gr.State(handlers.new_owner)
     page.status_timer = gr.Timer(1.0, active=False)  # ticks only while this page's generation waits or runs
     _grid_form(page)
+
+
+def _blend_form(page: Page, studio: Studio) -> None:
+    """Beyond the sliders (issue 20): each style's block strengths and step band, the blend mode, a start picture
+    to restyle, saving the blend as a style, and named blends."""
+    with gr.Accordion("Blend: blocks, steps, restyle a picture, save", open=False, elem_id="blend-form"):
+        # The styles add up (as A1111 and ComfyUI blend). The sign-electing modes of styles/mix.py stay off the page:
+        # measured by bench/blend_mix, neither kept more of each style in a mix than the sum (issue 20).
+        page.blend_mode = gr.State("sum")
+        page.blend_table = gr.Dataframe(
+            value=handlers.blend_table(studio.library.names()), headers=handlers.BLEND_COLUMNS,
+            datatype=["str", "str", "number", "number"], interactive=True, static_columns=[0], wrap=True,
+            label="Per style: blocks (all, look only, layout only, or down=0, mid=0.5, up=1, up.1=1.2, text=1) and "
+                  "the steps it is on, from % to %", elem_id="blend-table")
+        with gr.Row():
+            page.start_image = gr.Image(label="Restyle a picture (optional start image)", type="filepath",
+                                        height=160, sources=["upload"])
+            page.strength = gr.Slider(0.05, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
+                                      info="How much of the picture is redrawn")
+        with gr.Row():
+            page.blend_name = gr.Textbox(label="Save the blend as a style named", min_width=160)
+            page.blend_rank = gr.Number(value=0, label="Rank (0: exact)", precision=0, minimum=0, min_width=100)
+            page.save_blend = gr.Button("Save as style", size="sm", min_width=100)
+        with gr.Row():
+            page.mix_name = gr.Textbox(label="Blend name", min_width=120)
+            page.save_mix = gr.Button("Save blend", size="sm", min_width=90)
+            page.mix_picker = gr.Dropdown(studio.mixes(), value=None, label="Saved blends", min_width=140)
+            page.load_mix = gr.Button("Load", size="sm", min_width=70)
+        page.blend_message = gr.Markdown()
 
 
 def _style_sliders(page: Page, studio: Studio) -> None:
@@ -456,8 +491,29 @@ def _wire_styles(page: Page, studio: Studio) -> None:
     unwatch = dict(fn=bind(handlers.watch_generation, False), outputs=[page.status_timer, page.generation_status],
                    api_visibility="private", show_progress="hidden", queue=False)  # .then: after an error too
     page.generate_button.click(**watch).then(
-        bind(handlers.generate, studio, page), [page.prompt, *options, page.blend, page.add_triggers, page.owner],
-        [page.gallery, page.info, page.last_seed], api_name="generate", concurrency_limit=None).then(**unwatch)
+        bind(handlers.generate_form, studio, page),
+        [page.prompt, *options, page.blend, page.add_triggers, page.owner, page.blend_table, page.blend_mode,
+         page.start_image, page.strength],
+        [page.gallery, page.info, page.last_seed], api_visibility="private", concurrency_limit=None).then(**unwatch)
+    # The API's /generate: blocks and bands as JSON (the page sends its blend table through generate_form).
+    page.api_generate.click(
+        bind(handlers.generate, studio, page),
+        [page.prompt, *options, page.blend, page.add_triggers, page.owner, page.api_blocks, page.api_bands,
+         page.api_mode, page.start_image, page.strength],
+        [page.gallery, page.info, page.last_seed], api_name="generate", concurrency_limit=None)
+    page.save_blend.click(bind(handlers.save_blend_form, studio),
+                          [page.blend_name, page.blend, page.blend_table, page.blend_mode, page.blend_rank],
+                          [page.blend_message], api_visibility="private").then(**refresh)
+    page.api_save_blend.click(bind(handlers.save_blend, studio),
+                              [page.blend_name, page.blend, page.api_blocks, page.api_mode, page.blend_rank],
+                              [page.blend_message], api_name="save_blend").then(**refresh)
+    page.save_mix.click(bind(handlers.save_mix, studio), [page.mix_name, page.blend, page.blend_table, page.blend_mode],
+                        [page.mix_picker, page.blend_message], api_visibility="private")
+    page.load_mix.click(bind(handlers.load_mix, studio, page), [page.mix_picker],
+                        [page.blend, page.slider_values, page.allow_negative, page.blend_table, page.info],
+                        api_visibility="private")
+    page.known_names.change(handlers.blend_rows, [page.known_names, page.blend_table], [page.blend_table],
+                            api_visibility="private", show_progress="hidden")
     page.status_timer.tick(bind(handlers.generation_status, studio), [page.owner], [page.generation_status],
                            api_visibility="private", show_progress="hidden", concurrency_limit=None)
     page.stop_generation.click(bind(handlers.cancel_generation, studio), [page.owner], [page.generation_status],
@@ -469,8 +525,8 @@ def _wire_styles(page: Page, studio: Studio) -> None:
                                [page.blend, page.slider_min], api_visibility="private", show_progress="hidden")
     form = [page.prompt, page.negative, page.seed, page.steps, page.guidance, page.width, page.height]
     page.png_info.upload(bind(handlers.png_info, studio, page), [page.png_info],
-                         [*form, page.blend, page.slider_values, page.allow_negative, page.info],
-                         api_visibility="private")
+                         [*form, page.blend, page.slider_values, page.allow_negative, page.blend_table,
+                          page.info], api_visibility="private")
     grid = [page.prompt, page.grid_rows, page.grid_styles, page.grid_seeds, page.grid_scales]
     page.grid_button.click(**watch).then(
         bind(handlers.generate_grid, studio, page), [*grid, *options, page.add_triggers, page.owner],

@@ -27,7 +27,16 @@ from styles.generation import Ticket
 from styles.grid import DEFAULT_SCALES, DEFAULT_SEEDS, draw_grid, numbers
 from styles.library import StyleInfo, StyleLibrary
 from trainer.config import DEFAULT_PRESET, make_config, read_settings, write_settings
-from trainer.data import ImageSet, UploadLimits, bucket_of, bucket_sizes, bucket_step, ingest, size_multiple
+from trainer.data import (
+    ImageSet,
+    UploadLimits,
+    bucket_of,
+    bucket_sizes,
+    bucket_step,
+    ingest,
+    normalise,
+    size_multiple,
+)
 from trainer.jobs import JobManager, JobRecord, Progress
 
 EXPORT_LAYOUTS = ("kohya", "diffusers")  # the first is the default download
@@ -217,13 +226,17 @@ class Studio:
         return sorted(folder.iterdir()), style_name
 
     # -- generate ------------------------------------------------------------------------
-    def generate(self, prompt: str, styles: dict[str, float] | None = None, owner: str = "", **options) -> Generated:
-        """Draw and save; `options` are Blender.generate's, checked there. Generations take turns: `owner` (the
-        page's or API client's session) can ask its place (generation_queue) or cancel it (cancel_generation)."""
+    def generate(self, prompt: str, styles: dict[str, float] | None = None, owner: str = "", image: str | None = None,
+                 **options) -> Generated:
+        """Draw and save; `options` are Blender.generate's (blocks, bands, mode, strength too), checked there.
+        `image`: a start picture's path, to restyle it; it passes the training uploads' checks (trainer.data).
+        Generations take turns: `owner` (the page's or API client's session) can ask its place
+        (generation_queue) or cancel it (cancel_generation)."""
         prompt = _prompt(prompt)
         warnings_before = len(self.blender.warnings)
+        start = self._start_image(image) if image else None
         self._size_threads()
-        images = self.blender.generate(prompt, styles=styles, ticket=Ticket(owner), **options)
+        images = self.blender.generate(prompt, styles=styles, ticket=Ticket(owner), image=start, **options)
         recipe = json.loads(images[0].info["style_studio"])  # the blender's own record of what it applied
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{recipe['seed']}"
         paths = [
@@ -257,6 +270,65 @@ class Studio:
         path = save_png(picture, self.outputs / f"grid-{stamp}.png")
         warnings = list(dict.fromkeys(self.blender.warnings[warnings_before:]))  # once each, not once per cell
         return Grid(path, json.loads(picture.info["style_studio"]), warnings)
+
+    def save_blend(self, name: str, styles: dict[str, float], blocks=None, mode=None, rank=0) -> tuple[str, dict]:
+        """Save a blend as a style of its own (issue 20): exact (rank 0), or re-ranked by SVD with its error.
+        Returns (name, report: rank, error, per-layer errors). The style records its sources and scales."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("Name the blend to save it as a style.")
+        name = name.strip()
+        self.library.ensure_free(name)
+        self.jobs.check_name_free(name)
+        patch, report = self.blender.blend_as_adapter(styles, blocks, mode, rank)
+        active = {n: float(v) for n, v in (styles or {}).items() if float(v)}
+        triggers = [self.library.get(n).trigger for n in active if self.library.get(n).trigger]
+        info = {"trigger": ", ".join(dict.fromkeys(triggers)), "base_model": self.base.model_id,
+                "unet_hash": self.base.unet_hash, "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                "blend_of": json.dumps({"styles": active, "blocks": blocks or {}, "mode": mode or "sum",
+                                        "rank": report["rank"], "error": report["error"]}, sort_keys=True)}
+        style = formats.patch_style(patch, info, self.base.family, self.base.layout)
+        self.library.save(name, style.to_bytes())
+        return name, report
+
+    def save_mix(self, name: str, mix: dict) -> Path:
+        """Keep a named blend (styles, scales, blocks, bands, mode) in workspace/blends/<name>.json, checked first."""
+        check_style_name(name)
+        if not isinstance(mix, dict):
+            raise ValueError(f"A blend is {brief(mix)}: send {{styles, blocks, bands, mode}}.")
+        self.blender.check_mix(mix.get("styles"), mix.get("blocks"), mix.get("bands"), mix.get("mode"))
+        kept = {key: mix[key] for key in ("styles", "blocks", "bands", "mode") if mix.get(key)}
+        path = self.workspace / "blends" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        return write_bytes_atomic(path, json.dumps(kept, indent=1, sort_keys=True).encode())
+
+    def mixes(self) -> list[str]:
+        folder = self.workspace / "blends"
+        return sorted(path.stem for path in folder.glob("*.json")) if folder.is_dir() else []
+
+    def load_mix(self, name: str) -> dict:
+        """A named blend as saved, its styles checked against the library (a deleted style is named)."""
+        path = self.workspace / "blends" / f"{name}.json"
+        if not isinstance(name, str) or name not in self.mixes():
+            raise ValueError(f"No saved blend {brief(name)}. Saved blends: {', '.join(self.mixes()) or 'none yet'}.")
+        try:
+            mix = json.loads(path.read_text())
+        except ValueError:
+            raise ValueError(f"The saved blend {name!r} ({path}) is not JSON; save it again.") from None
+        self.blender.check_mix(mix.get("styles"), mix.get("blocks"), mix.get("bands"), mix.get("mode"))
+        return mix
+
+    def _start_image(self, path: str) -> Image.Image:
+        """A start picture for restyling, read through the same checks as a training upload."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"Start image {brief(str(path))} was not found; upload it again.")
+        if path.stat().st_size > self.limits.max_file_bytes:
+            raise ValueError(f"Start image {path.name} is {path.stat().st_size / 2**20:.1f} MB; the limit for one "
+                             f"file is {self.limits.max_file_bytes / 2**20:.0f} MB.")
+        try:
+            return normalise(path.read_bytes(), self.limits.max_pixels)
+        except ValueError as error:
+            raise ValueError(f"Start image {path.name}: {error}") from None
 
     def generation_queue(self, owner: str = "") -> dict:
         """Where `owner`'s generation stands: {"position": 0 running, n behind n others, None without one;

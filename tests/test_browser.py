@@ -8,6 +8,7 @@ Screenshots go to test-artifacts/ (or $TEST_ARTIFACTS).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -385,3 +386,29 @@ def test_trigger_words_beside_the_sliders_and_a_whole_grid(page):
     picture.scroll_into_view_if_needed()
     _screenshot(page, "generate-tab-grid")
     page.set_viewport_size({"width": 1280, "height": 1600})
+
+    from core.files import read_safetensors_header
+
+    # Issue 20: a blend of two styles, ink on the up blocks only, saved as a style; it gets a slider, and its
+    # download is a kohya file (sd-scripts' names) that holds the blend.
+    number = page.get_by_label("number input for ink")
+    number.fill("0.5")
+    number.press("Enter")
+    page.get_by_text("Blend: blocks, steps, restyle a picture, save", exact=True).click()
+    table = page.locator("#blend-table")
+    expect(table.locator('[data-testid="cell-0-0"]')).to_contain_text("ink")
+    _edit_cell(table, 0, 1, "look only")  # rows in library order: ink, sunset
+    page.get_by_label("Save the blend as a style named").fill("sunset-ink")
+    page.get_by_role("button", name="Save as style").click()
+    expect(page.get_by_text("Saved the blend as style sunset-ink (exact).")).to_be_visible()
+    expect(page.get_by_label("number input for sunset-ink")).to_be_attached()
+    page.locator("#blend-form").scroll_into_view_if_needed()
+    _screenshot(page, "generate-tab-blend-saved")
+    page.get_by_role("tab", name="Styles").click()
+    page.get_by_label("Style", exact=True).click()
+    page.get_by_role("option", name="sunset-ink").click()
+    page.get_by_role("radio", name=re.compile("^kohya")).check()
+    page.get_by_role("button", name="Download .safetensors").click()
+    expect(page.locator("#style-download").get_by_role("cell", name="sunset-ink.safetensors")).to_be_visible()
+    exported = json.loads(read_safetensors_header(library.path_for("sunset-ink"))[0]["style_studio.blend_of"])
+    assert exported["styles"] == {"ink": 0.5, "sunset": 0.8} and exported["blocks"] == {"ink": "look only"}
