@@ -286,11 +286,11 @@ def test_a_style_file_replaced_on_disk_is_picked_up(blender, library, base_weigh
 def test_a_failed_fuse_leaves_the_base_model(blender, base_weights, monkeypatch):
     calls = []
 
-    def failing(original, contributions):
+    def failing(original, contributions, mode="sum"):
         calls.append(original)
         if len(calls) == 5:
             raise torch.OutOfMemoryError("no room for the blend")
-        return _blended_weight(original, contributions)
+        return _blended_weight(original, contributions, mode)
 
     blender.apply({"pastel": 1.0})
     monkeypatch.setattr("styles.blend._blended_weight", failing)
