@@ -34,7 +34,6 @@ from trainer.data import (
     bucket_sizes,
     bucket_step,
     ingest,
-    normalise,
     size_multiple,
 )
 from trainer.jobs import JobManager, JobRecord, Progress
@@ -280,8 +279,8 @@ class Studio:
         self.library.ensure_free(name)
         self.jobs.check_name_free(name)
         patch, report = self.blender.blend_as_adapter(styles, blocks, mode, rank)
-        active = {n: float(v) for n, v in (styles or {}).items() if float(v)}
-        triggers = [self.library.get(n).trigger for n in active if self.library.get(n).trigger]
+        active = report["styles"]  # the scales as the blender checked them
+        triggers = [trigger for trigger in (self.library.get(n).trigger for n in active) if trigger]
         info = {"trigger": ", ".join(dict.fromkeys(triggers)), "base_model": self.base.model_id,
                 "unet_hash": self.base.unet_hash, "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                 "blend_of": json.dumps({"styles": active, "blocks": blocks or {}, "mode": mode or "sum",
@@ -318,17 +317,12 @@ class Studio:
         return mix
 
     def _start_image(self, path: str) -> Image.Image:
-        """A start picture for restyling, read through the same checks as a training upload."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"Start image {brief(str(path))} was not found; upload it again.")
-        if path.stat().st_size > self.limits.max_file_bytes:
-            raise ValueError(f"Start image {path.name} is {path.stat().st_size / 2**20:.1f} MB; the limit for one "
-                             f"file is {self.limits.max_file_bytes / 2**20:.0f} MB.")
+        """A start picture for restyling, read by the training uploads' own ingest (caps, formats, decoding),
+        kept up to the largest side a generation draws."""
         try:
-            return normalise(path.read_bytes(), self.limits.max_pixels)
+            return ingest([path], generation.MAX_SIDE, limits=self.limits).images[0]
         except ValueError as error:
-            raise ValueError(f"Start image {path.name}: {error}") from None
+            raise ValueError(f"Start image: {error}") from None
 
     def generation_queue(self, owner: str = "") -> dict:
         """Where `owner`'s generation stands: {"position": 0 running, n behind n others, None without one;

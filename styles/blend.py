@@ -332,7 +332,8 @@ class Blender:
         """The blend (scales, block factors, mode) as one adapter: a Patch of LoRA parts per layer, exact for rank 0
         (styles/merge.py: factors concatenated, or the update as a full difference where it is not a plain LoRA sum),
         else each layer's update re-ranked by SVD to `rank`; and a report {"rank", "error", "layers": {layer:
-        relative error}} (errors 0 when exact). Step bands are a generation setting and are not saved."""
+        relative error}, "styles": the checked active scales} (errors 0 when exact). Step bands are a generation
+        setting and are not saved."""
         active, blocks, _, mode = self.check_mix(scales, blocks, None, mode)
         if not active:
             raise ValueError("The blend is empty: move a style's slider off 0 before saving it.")
@@ -347,7 +348,8 @@ class Blender:
                 if rank == 0 and exact is not None:
                     updates[layer] = Update(layer, {name: t.cpu() for name, t in exact.items()})
                     continue
-                delta = _blended_weight(original, contributions, mode) - original.float()
+                # The update itself, not (base + update) - base: no fp32 cancellation against the weight.
+                delta = merge([scale * u.delta(original) for scale, u in contributions], mode)
                 if rank == 0:
                     updates[layer] = Update(layer, {"diff": delta.cpu()})
                     continue
@@ -356,7 +358,7 @@ class Blender:
                 errors[layer] = (error / norm) ** 0.5 if norm else 0.0
                 squared[0], squared[1] = squared[0] + error, squared[1] + norm
         total = (squared[0] / squared[1]) ** 0.5 if squared[1] else 0.0
-        return Patch(updates, {}, "blend"), {"rank": rank, "error": total, "layers": errors}
+        return Patch(updates, {}, "blend"), {"rank": rank, "error": total, "layers": errors, "styles": active}
 
     def _contributions(self, active: dict[str, float], blocks: dict) -> dict[str, list[tuple[float, Update]]]:
         """{layer: [(scale x block factor, update) of each active style that changes it]}."""
@@ -406,10 +408,10 @@ class Blender:
             self._restyler.set_progress_bar_config(disable=True)
         return self._restyler
 
-    def _check_style(self, name: str) -> tuple[StyleInfo, Patch]:
-        """A style's file read and checked against the base (a file put into the library by hand is data like
-        any import); ValueError for a style of another family or a file that does not fit."""
-        info = self.library.get(name)
+    def _check_style(self, name: str, info: StyleInfo) -> Patch:
+        """A style's file (`info`: its library entry) read and checked against the base (a file put into the
+        library by hand is data like any import); ValueError for a style of another family or a file that does
+        not fit."""
         if info.family and info.family != self.base.family:
             raise ValueError(
                 f"Style {name!r} was trained on a {info.family} model and cannot be used with this "
@@ -420,7 +422,7 @@ class Blender:
             self.warnings.append(
                 f"Style {name!r} was trained on {info.base_model or 'another model'}; it may look different here."
             )
-        return info, formats.read_adapter(info.path, self.base.layout)
+        return formats.read_adapter(info.path, self.base.layout)
 
     def _read_patches(self, active: dict[str, float]) -> bool:
         """Read the active styles whose file is new or changed (all checked before any is kept); forget styles
@@ -429,9 +431,9 @@ class Blender:
         gone = [name for name in self._patches if name not in names]
         fresh = {}
         for name in active:
-            mtime = self.library.get(name).mtime
-            if self._patches.get(name, (None,))[0] != mtime:
-                info, patch = self._check_style(name)
+            info = self.library.get(name)
+            if self._patches.get(name, (None,))[0] != info.mtime:
+                patch = self._check_style(name, info)
                 fresh[name] = (info.mtime, {layer: u.to(self.base.device) for layer, u in patch.updates.items()})
         for name in gone:
             del self._patches[name]
@@ -447,7 +449,7 @@ class Blender:
             info = self.library.get(name)
             if self._loaded.get(name) == info.mtime:
                 continue
-            info, patch = self._check_style(name)
+            patch = self._check_style(name, info)
             if not patch.plain_lora():
                 raise ValueError(f"Style {name!r} holds {patch.summary()}: only a fused blend (the default) applies "
                                  "those; diffusers' set_adapters runs plain LoRA only.")

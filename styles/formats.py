@@ -139,12 +139,17 @@ def read_adapter(path: str | Path, layout: Layout) -> Patch:
     return read_patch(path, layout, metadata)
 
 
-def patch_style(patch: Patch, info: dict[str, str], family: str, layout: Layout) -> ImportedStyle:
-    """A style made here from layer updates (a saved blend, issue 20): the kohya layout, as imports are kept."""
+def patch_style(patch: Patch, info: dict[str, str], family: str, layout: Layout,
+                kept: dict[str, str] | None = None) -> ImportedStyle:
+    """A style kept as layer updates (an import, or a saved blend of issue 20): every part in the kohya layout,
+    our metadata (`info`, with the family, what it holds and, unless `info` says, its rank and alpha) beside the
+    foreign entries `kept`."""
     ranks = sorted({u.rank for u in patch.updates.values() if u.rank is not None})
-    info = {"config": json.dumps({"rank": ranks[-1] if ranks else None}), "family": family,
-            "holds": patch.summary(), **info}
-    return ImportedStyle(kohya_tensors(patch, family, layout), {OUR_PREFIX + k: v for k, v in info.items()})
+    alphas = {u.parts["alpha"].item() for u in patch.updates.values() if "alpha" in u.parts}
+    config = {"rank": ranks[-1] if ranks else None, "alpha": alphas.pop() if len(alphas) == 1 else None}
+    info = {"config": json.dumps(config), **info, "family": family, "holds": patch.summary()}
+    metadata = (kept or {}) | {OUR_PREFIX + key: value for key, value in info.items()}
+    return ImportedStyle(kohya_tensors(patch, family, layout), metadata)
 
 
 def import_style(path: str | Path, layout: Layout, family: str) -> tuple[ImportedStyle, list[str]]:
@@ -159,22 +164,16 @@ def import_style(path: str | Path, layout: Layout, family: str) -> tuple[Importe
     if any("alpha" not in u.parts and u.rank is not None for u in patch.updates.values()):
         notes.append("some layers do not say their alpha: alpha = rank assumed, as diffusers and ComfyUI do")
     ours = style_info(patch.metadata)
-    ranks = sorted({u.rank for u in patch.updates.values() if u.rank is not None})
-    alphas = {u.parts["alpha"].item() for u in patch.updates.values() if "alpha" in u.parts}
-    config = {"rank": ranks[-1] if ranks else None, "alpha": alphas.pop() if len(alphas) == 1 else None}
     info = {
+        **ours,  # a file we exported: how the style was made, its config included
         "trigger": ours.get("trigger", "") or patch.metadata.get("modelspec.trigger_phrase", ""),
         "base_model": ours.get("base_model") or patch.metadata.get("ss_sd_model_name", ""),
-        "family": family,
         "unet_hash": ours.get("unet_hash", ""),
         "created": ours.get("created") or datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": ours.get("config") or json.dumps(config),
         "imported_from": f"{Path(path).name} ({patch.source_format})",
-        "holds": patch.summary(),
     }
     kept = {key: value for key, value in patch.metadata.items() if key.startswith(KEPT_PREFIXES)}
-    metadata = kept | {OUR_PREFIX + key: value for key, value in {**ours, **info}.items()}
-    return ImportedStyle(kohya_tensors(patch, family, layout), metadata), notes
+    return patch_style(patch, info, family, layout, kept), notes
 
 
 def to_kohya(path: str | Path, layers_per_block: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -244,3 +244,15 @@ def test_a_named_blend_is_saved_and_loaded_back_into_the_form(studio):
         handlers.load_mix(studio, page, "nope")
     with pytest.raises(Exception, match="Blocks of 'ink'"):
         handlers.blend_settings(handlers.blend_table(["ink"], {"ink": "sideways"}))
+
+
+def test_a_start_picture_passes_the_training_uploads_checks(studio, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("<html>not a picture</html>")
+    with pytest.raises(ValueError, match=r"Start image: .*notes\.png: not an image"):
+        studio.generate("a red circle", styles={"ink": 1.0}, image=str(bad), steps=2)
+    start = tmp_path / "start.png"
+    Image.new("RGB", (300, 150), (200, 0, 0)).save(start)
+    made = studio.generate("a red circle", styles={"ink": 1.0}, image=str(start), steps=4, strength=0.5)
+    recipe = json.loads(Image.open(made.paths[0]).text["style_studio"])
+    assert recipe["strength"] == 0.5 and len(recipe["image_sha256"]) == 64
