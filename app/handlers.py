@@ -547,9 +547,10 @@ def generate(studio: Studio, page, prompt, negative_prompt=None, seed=0, steps=D
     except GenerationCancelled as stopped:  # the user's own Stop: said as news, not as an error; the picture stays
         return {page.info: f"{stopped} Nothing was saved."}
     blend = ", ".join(f"{name} {scale:+.2f}" for name, scale in result.active.items()) or "none (base model)"
+    restyled = f" · restyled from the start picture at strength {float(strength):g}" if image else ""
     notes = "".join(f"\n\n⚠ {w}" for w in result.warnings)
     return {page.gallery: [str(p) for p in result.paths], page.last_seed: result.seed,
-            page.info: f"Seed {result.seed} · styles: {blend} · prompt used: `{result.prompt}`{notes}"}
+            page.info: f"Seed {result.seed} · styles: {blend}{restyled} · prompt used: `{result.prompt}`{notes}"}
 
 
 BLEND_COLUMNS = ["style", "blocks", "from %", "to %"]  # the blend table: per style, block strengths and step band

@@ -307,7 +307,7 @@ def _blend_form(page: Page, studio: Studio) -> None:
                   "the steps it is on, from % to %", elem_id="blend-table")
         with gr.Row():
             page.start_image = gr.Image(label="Restyle a picture (optional start image)", type="filepath",
-                                        height=160, sources=["upload"])
+                                        height=160, sources=["upload"], elem_id="start-image")
             page.strength = gr.Slider(0.05, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
                                       info="How much of the picture is redrawn")
         with gr.Row():

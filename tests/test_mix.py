@@ -256,3 +256,7 @@ def test_a_start_picture_passes_the_training_uploads_checks(studio, tmp_path):
     made = studio.generate("a red circle", styles={"ink": 1.0}, image=str(start), steps=4, strength=0.5)
     recipe = json.loads(Image.open(made.paths[0]).text["style_studio"])
     assert recipe["strength"] == 0.5 and len(recipe["image_sha256"]) == 64
+    page = build_ui(studio)
+    shown = handlers.generate(studio, page, "a red circle", steps=4, styles={"ink": 1.0}, image=str(start),
+                              strength=0.5)
+    assert "restyled from the start picture at strength 0.5" in shown[page.info]  # the page says what it drew
